@@ -1,0 +1,125 @@
+"""Profile -> SGLang server command line (+ the environment our plugin reads).
+
+The plugin runs inside every SGLang process, so it learns the profile through the
+``AGENTSERVE_PROFILE`` environment variable rather than through SGLang's own arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentserve.profile import Profile, ProfileError
+
+# SGLang's spelling of each of our algorithms.
+_ALGO_NAME = {"ngram": "NGRAM", "agent_ngram": "AGENT_NGRAM", "agentspark": "AGENTSPARK"}
+
+# What SGLang 0.5.23 needs to serve on a CPU (see shared/docs/sglang-on-cpu.md).
+_CPU_DEFAULTS = {
+    "--attention-backend": "torch_native",
+    "--sampling-backend": "pytorch",
+    "--cuda-graph-backend-decode": "disabled",
+    "--cuda-graph-backend-prefill": "disabled",
+    "--mem-fraction-static": "0.3",
+    "--max-total-tokens": "4096",
+    "--max-running-requests": "8",
+    "--chunked-prefill-size": "1024",
+}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]  # only what we add to the caller's environment
+
+    def shell(self) -> str:
+        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{envs} {shlex.join(self.argv)}".strip()
+
+
+def build_plan(profile: Profile, profile_path: str | Path | None = None, port: int | None = None) -> LaunchPlan:
+    s, m, d = profile.server, profile.model, profile.drafter
+    args: dict[str, str | None] = {
+        "--model-path": m.path,
+        "--host": s.host,
+        "--port": str(port or s.port),
+        "--device": s.device,
+    }
+    if m.dtype != "auto":
+        args["--dtype"] = m.dtype
+    if m.context_length:
+        args["--context-length"] = str(m.context_length)
+    if m.chat_template:
+        args["--chat-template"] = m.chat_template
+    if m.tool_call_parser:
+        args["--tool-call-parser"] = m.tool_call_parser
+    if s.device == "cpu":
+        args.update(_CPU_DEFAULTS)
+    for flag, value in (
+        ("--attention-backend", s.attention_backend),
+        ("--mem-fraction-static", s.mem_fraction_static),
+        ("--max-total-tokens", s.max_total_tokens),
+        ("--max-running-requests", s.max_running_requests),
+        ("--chunked-prefill-size", s.chunked_prefill_size),
+    ):
+        if value is not None:
+            args[flag] = str(value)
+
+    flags: list[str] = []
+    if s.enable_metrics:
+        flags.append("--enable-metrics")
+    if d.algorithm != "none":
+        args["--speculative-algorithm"] = _ALGO_NAME[d.algorithm]
+        args["--speculative-num-draft-tokens"] = str(d.num_draft_tokens)
+        if d.algorithm in ("agent_ngram", "agentspark"):
+            # Our workers run synchronously (the drafter needs the accepted tokens first).
+            flags.append("--disable-overlap-schedule")
+        if d.algorithm == "agentspark" and d.path:
+            args["--speculative-draft-model-path"] = d.path
+
+    argv = [sys.executable, "-m", "sglang.launch_server"]
+    for k, v in args.items():
+        argv += [k, v] if v is not None else [k]
+    argv += flags + list(s.extra_args)
+
+    env = {"AGENTSERVE_PROFILE_JSON": profile.model_dump_json()}
+    if profile_path is not None:
+        env["AGENTSERVE_PROFILE"] = str(Path(profile_path).resolve())
+    if s.device == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return LaunchPlan(argv=argv, env=env)
+
+
+def check_ready(profile: Profile) -> list[str]:
+    """Problems that would make a launch fail, found before starting SGLang."""
+    problems = []
+    mp = Path(profile.model.path)
+    if not (mp / "config.json").is_file():
+        problems.append(f"model.path: {mp} is not an HF model directory (no config.json); run 'agentserve model prepare' for the bundled model")
+    t = profile.model.chat_template
+    if t and t.endswith(".jinja") and not Path(t).is_file():
+        problems.append(f"model.chat_template: {t} does not exist")
+    if profile.drafter.path and not Path(profile.drafter.path).exists():
+        problems.append(f"drafter.path: {profile.drafter.path} does not exist")
+    return problems
+
+
+def launch(profile: Profile, profile_path: str | Path | None = None, port: int | None = None) -> int:
+    problems = check_ready(profile)
+    if problems:
+        raise ProfileError(problems, str(profile_path) if profile_path else None)
+    plan = build_plan(profile, profile_path, port)
+    env = {**os.environ, **plan.env}
+    print(f"agentserve: {plan.shell()[:2000] if len(plan.argv) else ''}", file=sys.stderr)
+    proc = subprocess.Popen(plan.argv, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        from agentserve.procs import kill_tree
+
+        kill_tree(proc.pid)
+        return 130

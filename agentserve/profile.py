@@ -1,0 +1,181 @@
+"""Serving profiles: one YAML file says which model, which drafter, which SGLang options and
+which interactivity tiers a server runs with.
+
+Validation is pydantic's (extra keys forbidden, strict types); `ProfileError` turns its
+report into one line per bad field, e.g. ``interactivity_tiers[1].target_tokens_per_s: must be
+greater than 0 (got -5)``, so a user never sees a traceback for a typo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Speculative algorithms a profile may select. "agent_ngram" is our plugin-registered
+# n-gram worker (proves the plugin path); "agentspark" is our DSpark worker; "ngram" is
+# SGLang's own, kept as a baseline.
+Algorithm = Literal["none", "ngram", "agent_ngram", "agentspark"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="HF-format model directory; relative paths are relative to the profile file")
+    chat_template: str | None = Field(default=None, description="Jinja chat template file (relative to the profile) or an SGLang template name")
+    tool_call_parser: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    context_length: int | None = Field(default=None, gt=0)
+
+
+class DrafterSpec(_Strict):
+    algorithm: Algorithm = "none"
+    path: str | None = Field(default=None, description="drafter checkpoint directory (agentspark)")
+    num_draft_tokens: int = Field(default=8, ge=2, le=64, description="verify width: draft block + 1")
+    radix_drafting: bool = True
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> DrafterSpec:
+        if self.algorithm == "agentspark" and not self.path:
+            raise ValueError("path: required when algorithm is 'agentspark'")
+        return self
+
+
+class ServerSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=30000, ge=1, le=65535)
+    device: Literal["cpu", "cuda", "xpu", "npu"] = "cpu"
+    attention_backend: str | None = None
+    mem_fraction_static: float | None = Field(default=None, gt=0, le=1)
+    max_total_tokens: int | None = Field(default=None, gt=0)
+    max_running_requests: int | None = Field(default=None, gt=0)
+    chunked_prefill_size: int | None = Field(default=None, gt=0)
+    enable_metrics: bool = True
+    extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
+
+
+class Tier(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    target_tokens_per_s: float | None = Field(default=None, gt=0, description="promised decode speed per user; null = best effort")
+    priority: int = Field(default=0, ge=0, description="0 is served first")
+    max_concurrency: int | None = Field(default=None, gt=0)
+    on_overload: Literal["queue", "reject"] = "queue"
+
+    @field_validator("target_tokens_per_s", mode="before")
+    @classmethod
+    def _int_ok(cls, v: Any) -> Any:
+        # YAML writes 20 as an int; strict mode would refuse it for a float field.
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Profile(_Strict):
+    name: str = Field(min_length=1)
+    model: ModelSpec
+    drafter: DrafterSpec = Field(default_factory=DrafterSpec)
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    interactivity_tiers: list[Tier] = Field(default_factory=list)
+    default_tier: str | None = None
+    agents: dict[str, str] = Field(default_factory=dict, description="agent id -> tier name")
+
+    @model_validator(mode="after")
+    def _tiers_consistent(self) -> Profile:
+        names = [t.name for t in self.interactivity_tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"interactivity_tiers: duplicate tier name(s) {dupes}")
+        if self.default_tier is not None and self.default_tier not in names:
+            raise ValueError(f"default_tier: '{self.default_tier}' is not one of the interactivity_tiers {names}")
+        for agent, tier in self.agents.items():
+            if tier not in names:
+                raise ValueError(f"agents.{agent}: tier '{tier}' is not one of the interactivity_tiers {names}")
+        return self
+
+    # Paths in a profile are relative to the profile file, so a profile can be run from anywhere.
+    def resolve(self, base: Path) -> Profile:
+        def res(p: str | None) -> str | None:
+            if p is None:
+                return None
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else (base / q).resolve())
+
+        tmpl = self.model.chat_template
+        if tmpl is not None and (tmpl.endswith(".jinja") or "/" in tmpl):
+            tmpl = res(tmpl)
+        model = self.model.model_copy(update={"path": res(self.model.path), "chat_template": tmpl})
+        drafter = self.drafter.model_copy(update={"path": res(self.drafter.path)})
+        return self.model_copy(update={"model": model, "drafter": drafter})
+
+    def tier_for(self, agent_id: str | None = None, requested: str | None = None) -> Tier | None:
+        """Tier of a request: an explicit request wins, then the agent's mapping, then the default."""
+        by_name = {t.name: t for t in self.interactivity_tiers}
+        for name in (requested, self.agents.get(agent_id or ""), self.default_tier):
+            if name:
+                if name not in by_name:
+                    raise ProfileError([f"tier: unknown tier '{name}' (known: {sorted(by_name)})"])
+                return by_name[name]
+        return None
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; `problems` has one 'field: what is wrong' line each."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid profile {source}" if source else "invalid profile"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "literal[")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = _loc(tuple(err["loc"]))
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        # model-level validators already name their field
+        return msg if not loc else f"{loc}.{msg}" if ":" in msg.split(" ")[0] else f"{loc}: {msg}"
+    msg = msg[0].lower() + msg[1:]
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"{loc}: {msg} (got {shown})" if loc else f"{msg} (got {shown})"
+
+
+def parse_profile(data: Any, source: str | None = None, base: Path | None = None) -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError([f"top level: expected a mapping of profile fields, got {type(data).__name__}"], source)
+    try:
+        prof = Profile.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError([_describe(err) for err in e.errors()], source) from None
+    return prof.resolve(base) if base is not None else prof
+
+
+def load_profile(path: str | Path) -> Profile:
+    p = Path(path)
+    if not p.is_file():
+        raise ProfileError([f"file: {p} does not exist"], str(p))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError([f"yaml: {e}"], str(p)) from None
+    return parse_profile(data, str(p), p.parent.resolve())
