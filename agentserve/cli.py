@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # connection problems are user-facing, not bugs
+        if type(e).__name__ in ("APIConnectionError", "ConnectionError", "ConnectError"):
+            print(f"agentserve: cannot reach the server ({e}); is it running? start one with 'agentserve launch'", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -36,9 +36,6 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str]  # only what we add to the caller's environment
 
-    def shell(self) -> str:
-        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        return f"{envs} {shlex.join(self.argv)}".strip()
 
 
 def build_plan(profile: Profile, profile_path: str | Path | None = None, port: int | None = None) -> LaunchPlan:
@@ -89,8 +86,17 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
     env = {"AGENTSERVE_PROFILE_JSON": profile.model_dump_json()}
     if profile_path is not None:
         env["AGENTSERVE_PROFILE"] = str(Path(profile_path).resolve())
+    if m.tool_strict != "off":
+        env["SGLANG_TOOL_STRICT_LEVEL"] = {"function": "1", "parameter": "2"}[m.tool_strict]
     if s.device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        # KV moves after verify use plain indexing (the copy kernel needs a CPU sgl_kernel).
+        env["SGLANG_NATIVE_MOVE_KV_CACHE"] = "1"
+        from sglang_ext.cpu_kernels import SHIM_DIR, shim_needed
+
+        if shim_needed():
+            # SGLang's CPU path imports sgl_kernel, whose CPU build is not on PyPI.
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
     return LaunchPlan(argv=argv, env=env)
 
 
@@ -114,7 +120,7 @@ def launch(profile: Profile, profile_path: str | Path | None = None, port: int |
         raise ProfileError(problems, str(profile_path) if profile_path else None)
     plan = build_plan(profile, profile_path, port)
     env = {**os.environ, **plan.env}
-    print(f"agentserve: {plan.shell()[:2000] if len(plan.argv) else ''}", file=sys.stderr)
+    print(f"agentserve: starting {shlex.join(plan.argv)}", file=sys.stderr)
     proc = subprocess.Popen(plan.argv, env=env)
     try:
         return proc.wait()

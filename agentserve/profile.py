@@ -28,6 +28,9 @@ class ModelSpec(_Strict):
     path: str = Field(description="HF-format model directory; relative paths are relative to the profile file")
     chat_template: str | None = Field(default=None, description="Jinja chat template file (relative to the profile) or an SGLang template name")
     tool_call_parser: str | None = None
+    # How hard SGLang constrains tool calls: "parameter" makes every call's arguments follow
+    # the tool's JSON schema (as OpenAI's strict=true does per tool); small models need it.
+    tool_strict: Literal["off", "function", "parameter"] = "off"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     context_length: int | None = Field(default=None, gt=0)
 

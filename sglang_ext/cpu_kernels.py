@@ -6,8 +6,9 @@ Speculative decoding calls the few implemented below. Every other name resolves 
 that raises a clear NotImplementedError, so a missing kernel shows up as a named error, never as
 a silently wrong result.
 
-`install()` never shadows a real `sgl_kernel`: it does nothing when one is importable or when
-the engine is not the CPU one.
+SGLang's spawned processes import `sgl_kernel` while unpickling, before any plugin runs, so the
+stand-in is a real package (cpu_shim/sgl_kernel) that the launcher puts on PYTHONPATH, and only
+when `shim_needed()`: a CPU server with no real `sgl_kernel` importable.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import sys
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -133,9 +134,13 @@ def reconstruct_indices_from_tree_mask(tree_mask: torch.Tensor, verified_seq_len
     retrieve_next_sibling.copy_(ns.to(retrieve_next_sibling.dtype))
 
 
-def copy_all_layer_kv_cache_cpu(*args: Any, **kwargs: Any) -> None:
-    # Works on raw data pointers; we run with SGLANG_NATIVE_MOVE_KV_CACHE=1 so SGLang moves KV
-    # rows with plain indexing instead and this is never reached.
+def copy_all_layer_kv_cache_cpu(data_ptrs: torch.Tensor, strides: torch.Tensor, tgt_loc: torch.Tensor,
+                                src_loc: torch.Tensor) -> None:
+    # The real kernel copies rows through raw data pointers. SGLang calls it for real only when
+    # SGLANG_NATIVE_MOVE_KV_CACHE is off (our launcher turns it on: rows move with plain
+    # indexing); the pool's start-up warm-up copies slot 0 onto itself, which is a no-op.
+    if torch.equal(tgt_loc, src_loc):
+        return
     raise NotImplementedError("sgl_kernel.copy_all_layer_kv_cache_cpu: set SGLANG_NATIVE_MOVE_KV_CACHE=1 (agentserve's launcher does)")
 
 
@@ -155,43 +160,36 @@ def _missing(qualname: str) -> Callable[..., Any]:
     return fn
 
 
-def _make_module(name: str, names: dict[str, Callable[..., Any]]) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
-    mod.__path__ = []  # a package, so `import sgl_kernel.x` finds the submodules we register
-    mod.__dict__.update(names)
-    setattr(mod, STANDIN_MARK, True)
-
+def _module_getattr(name: str) -> Callable[[str], Any]:
     def __getattr__(attr: str) -> Any:  # PEP 562: `from sgl_kernel import anything` succeeds
         if attr.startswith("__"):
             raise AttributeError(attr)
         return _missing(f"{name}.{attr}")
 
-    mod.__getattr__ = __getattr__  # type: ignore[method-assign]
-    return mod
+    return __getattr__
 
 
-def cpu_engine_requested() -> bool:
-    return os.environ.get("SGLANG_USE_CPU_ENGINE", "").lower() in ("1", "true", "yes")
-
-
-def install() -> bool:
-    """Register the stand-in if (and only if) this is a CPU engine without a real sgl_kernel."""
-    if not cpu_engine_requested():
-        return False
-    existing = sys.modules.get("sgl_kernel")
-    if existing is not None:
-        return bool(getattr(existing, STANDIN_MARK, False))
-    if importlib.util.find_spec("sgl_kernel") is not None:
-        log.info("real sgl_kernel found; agentserve's CPU stand-in not installed")
-        return False
-    root = _make_module("sgl_kernel", dict(_IMPLEMENTED))
-    root.__version__ = "0.0.0+agentserve-cpu-standin"
+def populate_standin(ns: dict[str, Any]) -> None:
+    """Fill the shim package `sgl_kernel` (its globals) and register its submodules."""
+    ns.update(_IMPLEMENTED)
+    ns["__version__"] = "0.0.0+agentserve-cpu-standin"
+    ns[STANDIN_MARK] = True
+    ns["__getattr__"] = _module_getattr("sgl_kernel")
     for sub in _SUBMODULES:
-        child = _make_module(f"sgl_kernel.{sub}", _SPECULATIVE if sub == "speculative" else {})
-        setattr(root, sub, child)
-        sys.modules[f"sgl_kernel.{sub}"] = child
-    sys.modules["sgl_kernel"] = root
-    # Moves KV rows with plain indexing rather than the pointer-based copy kernel.
-    os.environ.setdefault("SGLANG_NATIVE_MOVE_KV_CACHE", "1")
-    return True
+        name = f"sgl_kernel.{sub}"
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+        mod.__dict__.update(_SPECULATIVE if sub == "speculative" else {})
+        mod.__getattr__ = _module_getattr(name)  # type: ignore[method-assign]
+        setattr(mod, STANDIN_MARK, True)
+        ns[sub] = mod
+        sys.modules[name] = mod
+
+
+SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
+
+
+def shim_needed() -> bool:
+    """True when a CPU server here would find no sgl_kernel of its own."""
+    spec = importlib.util.find_spec("sgl_kernel")
+    return spec is None or (spec.origin is not None and str(SHIM_DIR) in spec.origin)

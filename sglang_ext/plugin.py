@@ -1,9 +1,8 @@
 """agentserve's SGLang plugin (entry point group `sglang.srt.plugins`).
 
 SGLang calls `load()` early in every server process (main, scheduler, detokenizer). It:
-1. on a CPU engine without a real `sgl_kernel`, installs our pure-torch stand-in;
-2. teaches the torch_native attention backend the TARGET_VERIFY forward;
-3. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK).
+1. teaches the torch_native attention backend the TARGET_VERIFY forward;
+2. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK).
 Failures are logged, never raised: a broken plugin must not take plain serving down.
 """
 
@@ -20,10 +19,6 @@ def load() -> None:
     if _loaded:
         return
     _loaded = True
-    from sglang_ext import cpu_kernels
-
-    cpu_kernels.install()
-
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from sglang_ext import verify_attention

@@ -1,0 +1,57 @@
+"""Shared fixtures. Real SGLang servers are started once per test session (lazily, only when a
+test asks for one) on 127.0.0.1 and free ports, and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = REPO / "tests" / "profiles"
+LOGS = REPO / ".pytest_cache" / "server-logs"
+
+# Importing SGLang in this process (unit tests of our hooks) needs what a CPU server gets from
+# the launcher: the CPU engine switch and, where no real sgl_kernel exists, our stand-in.
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+from sglang_ext.cpu_kernels import SHIM_DIR, shim_needed  # noqa: E402
+
+if shim_needed() and str(SHIM_DIR) not in sys.path:
+    sys.path.insert(0, str(SHIM_DIR))
+
+
+def _server(profile_name: str) -> Iterator["ServerProcess"]:  # noqa: F821
+    from agentserve.procs import ServerProcess
+    from agentserve.profile import load_profile
+
+    LOGS.mkdir(parents=True, exist_ok=True)
+    prof = load_profile(PROFILES / profile_name)
+    srv = ServerProcess(prof, log_path=LOGS / f"{prof.name}.log")
+    srv.start(timeout=900)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_server() -> Iterator["ServerProcess"]:  # noqa: F821
+    """The bundled model, fp32, no speculation."""
+    yield from _server("plain-fp32.yaml")
+
+
+@pytest.fixture(scope="session")
+def agent_ngram_server() -> Iterator["ServerProcess"]:  # noqa: F821
+    """The bundled model, fp32, with our plugin-registered AGENT_NGRAM worker."""
+    yield from _server("agent-ngram-fp32.yaml")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    p = REPO / "models" / "smollm2-135m-instruct"
+    if not (p / "config.json").is_file():
+        pytest.fail(f"bundled model missing at {p}: run 'agentserve model prepare' (scripts/setup.sh does)")
+    return p
