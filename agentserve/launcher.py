@@ -75,8 +75,8 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         if d.algorithm in ("agent_ngram", "agentspark"):
             # Our workers run synchronously (the drafter needs the accepted tokens first).
             flags.append("--disable-overlap-schedule")
-        if d.algorithm == "agentspark" and d.path:
-            args["--speculative-draft-model-path"] = d.path
+        # agentspark's drafter path reaches the worker through AGENTSERVE_PROFILE_JSON: SGLang
+        # would treat --speculative-draft-model-path as a model of its own to load.
 
     argv = [sys.executable, "-m", "sglang.launch_server"]
     for k, v in args.items():

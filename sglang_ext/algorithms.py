@@ -66,3 +66,10 @@ def register_all() -> None:
             from sglang_ext.ngram_worker import AgentNgramWorker
 
             return AgentNgramWorker
+
+    if get_spec(AGENTSPARK) is None:
+        @SpeculativeAlgorithm.register(AGENTSPARK, supports_overlap=False, spec_class=spec_cls)
+        def _agentspark(server_args: Any) -> type:
+            from sglang_ext.dspark_worker import AgentSparkWorker
+
+            return AgentSparkWorker

@@ -82,7 +82,7 @@ def test_demo_conversation(plain_server) -> None:
         (json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}), "Tools cannot be empty"),
         (json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}],
                      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}), "parameters"),
-        (json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}), "max_tokens"),
+        (json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}), "max_new_tokens must be at least 0"),
     ],
 )
 def test_malformed_requests_get_4xx_and_server_stays_healthy(plain_server, body: str, needle: str | None) -> None:

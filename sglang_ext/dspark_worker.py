@@ -1,0 +1,343 @@
+"""AGENTSPARK: the DSpark speculative worker inside SGLang's scheduler, on any device.
+
+One decode step, for the batch's requests r (anchor = last emitted token, at position a_r =
+seq_len_r, whose KV is not yet written):
+1. draft  — the DSpark drafter proposes a block x_1..x_g per request from its own per-request
+   context K/V (target features of committed positions), with the exact distribution q of
+   each token and a calibrated confidence c_k;
+2. schedule — Algorithm 1 over the prefix survivals Π c picks per-request verify lengths ℓ_r
+   against the profiled SPS(B) table; the step verifies W = 1 + max ℓ_r positions per request;
+3. verify — one TARGET_VERIFY forward over [anchor, x_1..x_{W-1}] (chain mask), which also
+   returns the drafter's chosen target layers; lossless acceptance (greedy: argmax match;
+   sampling: min(1, p/q) with residual resampling) of the first ℓ_r drafts, then a bonus token;
+4. commit — the accepted KV stays in SGLang's pool (the chain's accepted slots are already in
+   place), the drafter context grows by the committed positions' target features.
+
+The drafter lives outside SGLang's KV pools (NGRAM's data flow), so the scheduler, KV
+allocator and result processor treat this worker like NGRAM (see algorithms.py).
+
+If the drafter is missing or fails, the step verifies only the anchor (W = 1): plain decoding
+through the same forward, never a wrong token, and `agentserve:drafter_fallback_total` counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.scheduler import GenerationBatchResult
+from sglang.srt.managers.tp_worker import TpModelWorker
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+from sglang.srt.runtime_context import get_device, get_spec
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+from sglang_ext import worker_metrics
+from sglang_ext.dspark.drafter import DraftContext, DSparkDrafter
+from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_from_probs
+from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
+from sglang_ext.dspark.verify import verify_block
+from sglang_ext.sps_online import OnlineSPS
+
+log = logging.getLogger("agentserve.dspark_worker")
+
+
+def _profile_drafter_path() -> Optional[str]:
+    """The launcher passes the resolved profile to every SGLang process in the environment."""
+    import json
+    import os
+
+    raw = os.environ.get("AGENTSERVE_PROFILE_JSON")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("drafter", {}).get("path")
+    except ValueError:
+        return None
+
+
+def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
+    """Debug aid: AGENTSERVE_DUMP_FEATURES=FILE saves the first prefill's captured target
+    features with its token ids, to check them against another engine's hidden states."""
+    import os
+
+    path = os.environ.get("AGENTSERVE_DUMP_FEATURES")
+    if path and not os.path.exists(path):
+        req = batch.reqs[0]
+        n = batch.extend_lens[0]
+        torch.save({"input_ids": list(req.origin_input_ids)[:n], "features": hs[:n].float().cpu()}, path)
+
+
+@dataclass
+class StepStats:
+    """What the last step did, for metrics and the console."""
+
+    batch_size: int = 0
+    verify_width: int = 1
+    verify_lens: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    schedule_s: float = 0.0
+    verify_s: float = 0.0
+    fallback: bool = False
+
+
+class AgentSparkWorker(BaseSpecWorker):
+    def __init__(self, server_args: ServerArgs, gpu_id: int, nccl_port: int, target_worker: TpModelWorker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = get_device().device
+        self.max_width: int = int(get_spec().speculative_num_draft_tokens)
+        self.contexts: dict[str, DraftContext] = {}
+        self._prev_rids: set[str] = set()
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(getattr(server_args, "random_seed", 0) or 0))
+        self.last = StepStats()
+        self.drafter: Optional[DSparkDrafter] = None
+        self.drafter_error: Optional[str] = None
+        self.sps = OnlineSPS.for_model(str(server_args.model_path))
+        self._load_drafter(_profile_drafter_path() or get_spec().speculative_draft_model_path)
+
+    # ---- set-up
+    def _load_drafter(self, path: Optional[str]) -> None:
+        try:
+            if not path:
+                raise FileNotFoundError("no drafter path (profile drafter.path / --speculative-draft-model-path)")
+            target = self.model_runner.model
+            drafter = DSparkDrafter.from_pretrained(path, device=self.device, dtype=self.model_runner.dtype)
+            emb = target.model.embed_tokens.weight
+            head = getattr(target, "lm_head", None)
+            head_w = getattr(head, "weight", None)
+            drafter.attach_shared(emb, None if head_w is None or head_w is emb else head_w)
+            drafter.eval()
+            target.set_dflash_layers_to_capture(list(drafter.config.target_layer_ids))
+            self.block = min(drafter.config.block_size, self.max_width - 1)
+            self.drafter = drafter
+            log.info("AGENTSPARK drafter loaded from %s: block %d, layers %s", path, self.block,
+                     drafter.config.target_layer_ids)
+        except Exception as e:  # a broken drafter must not take serving down
+            self.drafter_error = f"{type(e).__name__}: {e}"
+            self.block = 0
+            log.warning("AGENTSPARK drafter unavailable (%s); serving with plain decoding", self.drafter_error)
+            worker_metrics.fallback(reason="load")
+
+    def alloc_memory_pool(self, **kwargs: Any) -> None:
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+
+    @property
+    def draft_worker(self) -> None:
+        return None
+
+    def clear_cache_pool(self) -> None:
+        self.contexts.clear()
+
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
+        pass
+
+    # ---- context bookkeeping
+    def _ctx(self, rid: str) -> DraftContext:
+        c = self.contexts.get(rid)
+        if c is None:
+            c = self.contexts[rid] = DraftContext()
+        return c
+
+    @staticmethod
+    def _keep_before(ctx: DraftContext, position: int) -> None:
+        # Positions are appended in increasing order; drop what a retraction or re-prefill redoes.
+        if ctx.length and int(ctx.pos()[-1]) >= position:
+            ctx.truncate(int((ctx.pos() < position).sum()))
+
+    def _append(self, rid: str, hidden: torch.Tensor, start: int) -> None:
+        if self.drafter is None or hidden.shape[0] == 0:
+            return
+        ctx = self._ctx(rid)
+        self._keep_before(ctx, start)
+        pos = torch.arange(start, start + hidden.shape[0], device=self.device)
+        self.drafter.append_context(ctx, hidden, pos)
+
+    # ---- the step
+    def forward_batch_generation(self, batch: ScheduleBatch, on_publish: Any = None,
+                                 pp_proxy_tensors: Any = None) -> GenerationBatchResult:
+        if batch.forward_mode.is_decode():
+            return self._decode_step(batch, on_publish)
+        return self._extend_step(batch, on_publish, pp_proxy_tensors)
+
+    def _extend_step(self, batch: ScheduleBatch, on_publish: Any, pp_proxy_tensors: Any) -> GenerationBatchResult:
+        capture = CaptureHiddenMode.FULL if self.drafter is not None and batch.forward_mode.is_extend() else None
+        res = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
+                                                          capture_hidden_mode=capture)
+        if capture is not None:
+            try:
+                hs = res.logits_output.hidden_states
+                _maybe_dump_features(batch, hs)
+                start = 0
+                for req, n, prefix in zip(batch.reqs, batch.extend_lens, batch.prefix_lens):
+                    self._append(req.rid, hs[start:start + n], int(prefix))
+                    start += n
+            except Exception as e:
+                self._drafter_failed(e)
+        bs = len(batch.reqs)
+        predict = res.next_token_ids
+        new_seq_lens = batch.seq_lens.clone()
+        accept_tokens = torch.zeros(bs, self.max_width, dtype=torch.int32, device=self.device)
+        accept_tokens[:, 0] = predict
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=res.logits_output, next_token_ids=predict, can_run_cuda_graph=res.can_run_cuda_graph,
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device), new_seq_lens=new_seq_lens,
+            next_draft_input=NgramVerifyInput(draft_token_num=self.max_width, new_seq_lens=new_seq_lens,
+                                              accept_tokens=accept_tokens.flatten(),
+                                              accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device)),
+            speculative_num_draft_tokens=self.max_width,
+        )
+
+    def _drafter_failed(self, e: BaseException) -> None:
+        log.exception("AGENTSPARK drafter failed; this step decodes plainly: %s", e)
+        worker_metrics.fallback(reason="draft")
+        self.last.fallback = True
+
+    def _sampling(self, batch: ScheduleBatch) -> SamplingParams:
+        si = batch.sampling_info
+        bs = len(batch.reqs)
+        top_k = si.top_ks.view(-1).long()
+        # SGLang encodes greedy as top_k == 1 (temperature reset to 1).
+        temp = torch.where(top_k == 1, torch.zeros_like(si.temperatures.view(-1)), si.temperatures.view(-1))
+        return SamplingParams(temp.float().to(self.device), si.top_ps.view(-1).float().to(self.device),
+                              top_k.to(self.device)).index(torch.arange(bs, device=self.device))
+
+    def _decode_step(self, batch: ScheduleBatch, on_publish: Any) -> GenerationBatchResult:
+        from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+        from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
+
+        stats = StepStats(batch_size=len(batch.reqs))
+        bs = len(batch.reqs)
+        rids = [r.rid for r in batch.reqs]
+        for gone in self._prev_rids - set(rids):
+            self.contexts.pop(gone, None)
+        self._prev_rids = set(rids)
+
+        anchors = torch.tensor([r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1] for r in batch.reqs],
+                               dtype=torch.long, device=self.device)
+        seq_lens = batch.seq_lens.to(self.device).long()
+        sampling = self._sampling(batch)
+
+        # 1-2. draft and schedule (any failure: this step verifies the anchor only)
+        drafts = torch.zeros(bs, 0, dtype=torch.long, device=self.device)
+        q_probs: Optional[torch.Tensor] = None
+        lens = torch.zeros(bs, dtype=torch.long)
+        if self.drafter is not None and self.block > 0:
+            try:
+                t0 = time.perf_counter()
+                ctxs = [self._ctx(r) for r in rids]
+                for c, a in zip(ctxs, seq_lens.tolist()):
+                    self._keep_before(c, a)
+                blk = self.drafter.draft_block(ctxs, anchors, seq_lens, sampling, generator=self.generator)
+                drafts = blk.tokens[:, : self.block]
+                q_probs = blk.q_probs[:, : self.block]
+                conf = blk.confidences if blk.confidences is not None else torch.ones_like(drafts, dtype=torch.float)
+                t1 = time.perf_counter()
+                lens = schedule_algorithm1(SchedulerInput(conf[:, : self.block].float()), self.sps)
+                stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
+            except Exception as e:
+                self._drafter_failed(e)
+                stats.fallback = True
+                drafts = torch.zeros(bs, 0, dtype=torch.long, device=self.device)
+                q_probs, lens = None, torch.zeros(bs, dtype=torch.long)
+
+        width = 1 + int(lens.max()) if bs else 1
+        stats.verify_width, stats.verify_lens = width, lens.tolist()
+
+        # 3. verify: [anchor, x_1 .. x_{W-1}] per request, chain mask
+        tokens = torch.cat([anchors[:, None], drafts[:, : width - 1]], dim=1)
+        chain = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        positions = (seq_lens[:, None] + torch.arange(width, device=self.device)).flatten()
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = tokens.flatten().to(torch.int64)
+        batch.out_cache_loc = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices, req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens, end_offset=batch.seq_lens + width, batch_size=bs,
+            draft_token_num=width, device=self.device)
+        nxt = torch.arange(1, width + 1, device=self.device)
+        nxt[-1] = -1
+        verify_input = NgramVerifyInput(
+            draft_token=batch.input_ids, custom_mask=chain.expand(bs, width, width).flatten(), positions=positions,
+            retrieve_index=torch.arange(bs * width, device=self.device).view(bs, width),
+            retrieve_next_token=nxt.expand(bs, width).contiguous(),
+            retrieve_next_sibling=torch.full((bs, width), -1, dtype=torch.long, device=self.device),
+            draft_token_num=width)
+        verify_input.capture_hidden_mode = CaptureHiddenMode.FULL if self.drafter is not None else CaptureHiddenMode.NULL
+        batch.spec_info = verify_input
+
+        t0 = time.perf_counter()
+        res = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        logits = res.logits_output.next_token_logits.float()
+        grammar_mask = self._grammar_mask(batch, tokens, width) if batch.has_grammar else None
+        if grammar_mask is not None:
+            grammar_mask.apply(logits)
+        p = process_logits(logits.view(bs * width, -1), sampling.expand(width)).view(bs, width, -1)
+        greedy = sampling.is_greedy
+        if width > 1:
+            vr = verify_block(drafts[:, : width - 1], p, None if q_probs is None else q_probs[:, : width - 1],
+                              verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
+            emitted = vr.tokens  # accepted drafts + bonus (no bonus after an accepted EOS)
+        else:  # nothing verified this step: plain decoding of one token
+            nxt = torch.where(greedy, p[:, 0].argmax(-1), sample_from_probs(p[:, 0], self.generator))
+            emitted = [[int(t)] for t in nxt.tolist()]
+        stats.verify_s = time.perf_counter() - t0
+        self.sps.observe(bs * width, stats.verify_s)
+
+        accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
+        # Rows padded to the maximum width: SGLang's relay buffers keep one shape across steps.
+        accept_tokens = torch.zeros(bs, self.max_width, dtype=torch.int32, device=self.device)
+        accept_index = torch.full((bs, width), -1, dtype=torch.int32, device=self.device)
+        for i, toks in enumerate(emitted):
+            accept_tokens[i, : len(toks)] = torch.tensor(toks, dtype=torch.int32, device=self.device)
+            # committed KV: the anchor and the accepted drafts, already at their positions
+            accept_index[i, : len(toks)] = i * width + torch.arange(len(toks), dtype=torch.int32, device=self.device)
+        num_correct = accept_lens - 1
+        move_accept_tokens_to_target_kvcache(batch, accept_index, num_correct, self.token_to_kv_pool_allocator)
+        new_seq_lens = batch.seq_lens + accept_lens
+
+        # 4. drafter context: target features of the committed positions
+        if self.drafter is not None and res.logits_output.hidden_states is not None:
+            hs = res.logits_output.hidden_states.view(bs, width, -1)
+            try:
+                for i, rid in enumerate(rids):
+                    self._append(rid, hs[i, : int(accept_lens[i])], int(seq_lens[i]))
+            except Exception as e:
+                self._drafter_failed(e)
+        stats.accepted = num_correct.tolist()
+        self.last = stats
+        worker_metrics.observe_step(stats)
+
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        batch.forward_mode = ForwardMode.DECODE
+        flat = accept_tokens.flatten()
+        return GenerationBatchResult(
+            logits_output=res.logits_output, next_token_ids=flat, can_run_cuda_graph=res.can_run_cuda_graph,
+            accept_lens=accept_lens, new_seq_lens=new_seq_lens,
+            next_draft_input=NgramVerifyInput(draft_token_num=self.max_width, new_seq_lens=new_seq_lens,
+                                              accept_tokens=flat, accept_lens=accept_lens),
+            speculative_num_draft_tokens=self.max_width,
+        )
+
+    def _grammar_mask(self, batch: ScheduleBatch, tokens: torch.Tensor, width: int) -> Any:
+        from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
+
+        bs = tokens.shape[0]
+        nxt = torch.arange(1, width + 1)
+        nxt[-1] = -1
+        tree = GrammarTree.from_host(nxt.expand(bs, width).contiguous(), torch.full((bs, width), -1, dtype=torch.long),
+                                     tokens.cpu().to(torch.int64))
+        return build_grammar_vocab_mask(reqs=batch.reqs, tree=tree, sampling_info=batch.sampling_info,
+                                        device=self.device, barrier=None)

@@ -1,0 +1,65 @@
+"""Prometheus metrics of our speculative workers, in SGLang's naming style.
+
+They are created in the scheduler process; SGLang's /metrics (multiprocess collector) exports
+them with its own. Creation and updates never raise: metrics must not break serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+_m: dict[str, Any] | None = None
+
+
+def _metrics() -> dict[str, Any] | None:
+    global _m
+    if _m is not None:
+        return _m or None
+    try:
+        from prometheus_client import Counter, Histogram
+
+        width_buckets = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 64]
+        _m = {
+            "fallback": Counter("agentserve:drafter_fallback_total", "Steps decoded plainly because the drafter was missing or failed", ["reason"]),
+            "width": Histogram("agentserve:verify_width", "Verify positions per request in a step (1 + max verify length)", buckets=width_buckets),
+            "budget": Histogram("agentserve:verify_budget_tokens", "Draft tokens verified in a step, all requests", buckets=[0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256]),
+            "req_len": Histogram("agentserve:verify_len_per_request", "Draft tokens verified per request per step", buckets=width_buckets),
+            "batch": Histogram("agentserve:spec_batch_size", "Requests per speculative step", buckets=width_buckets),
+            "phase": Histogram("agentserve:spec_step_seconds", "Time per speculative step phase", ["phase"],
+                               buckets=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]),
+            "proposed": Counter("agentserve:spec_verified_drafts_total", "Drafts verified, by position in the block", ["position"]),
+            "accepted": Counter("agentserve:spec_accepted_drafts_total", "Drafts accepted, by position in the block", ["position"]),
+        }
+    except Exception as e:  # pragma: no cover - prometheus misconfigured
+        log.warning("agentserve worker metrics disabled: %s", e)
+        _m = {}
+    return _m or None
+
+
+def fallback(reason: str) -> None:
+    m = _metrics()
+    if m:
+        m["fallback"].labels(reason=reason).inc()
+
+
+def observe_step(stats: Any) -> None:
+    m = _metrics()
+    if not m:
+        return
+    try:
+        m["width"].observe(stats.verify_width)
+        m["batch"].observe(stats.batch_size)
+        m["budget"].observe(sum(stats.verify_lens))
+        for ell, acc in zip(stats.verify_lens, stats.accepted):
+            m["req_len"].observe(ell)
+            for pos in range(1, ell + 1):
+                m["proposed"].labels(position=str(pos)).inc()
+                if pos <= acc:
+                    m["accepted"].labels(position=str(pos)).inc()
+        m["phase"].labels(phase="draft").observe(stats.draft_s)
+        m["phase"].labels(phase="schedule").observe(stats.schedule_s)
+        m["phase"].labels(phase="verify").observe(stats.verify_s)
+    except Exception as e:  # pragma: no cover
+        log.debug("metric update failed: %s", e)
