@@ -85,29 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--url", default=None, help="use a running server instead of starting one")
     dp.set_defaults(fn=_cmd_demo)
 
-    for name, module, helptext in _PLUGGABLE:
-        sp = sub.add_parser(name, help=helptext, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(fn=_forward(module))
+    for name, _module, helptext in _PLUGGABLE:
+        sub.add_parser(name, help=helptext, add_help=False)  # listed in --help; dispatched in main()
     return p
 
 
 # Subcommands whose modules own their own argparse (they take the remaining argv).
-_PLUGGABLE: list[tuple[str, str, str]] = []
-
-
-def _forward(module: str):
-    def run(a: argparse.Namespace) -> int:
-        import importlib
-
-        return int(importlib.import_module(module).main(a.rest) or 0)
-
-    return run
+_PLUGGABLE: list[tuple[str, str, str]] = [
+    ("bench", "agentserve.bench", "benchmark serving systems on the same prompts (ratios vs plain, JSON, PNG)"),
+    ("train-draft", "sglang_ext.dspark.train", "train a DSpark drafter for a target model (CPU or GPU)"),
+    ("console", "console.app", "the live operator console (Textual)"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    modules = {name: module for name, module, _ in _PLUGGABLE}
     try:
+        if argv and argv[0] in modules:
+            import importlib
+
+            return int(importlib.import_module(modules[argv[0]]).main(argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
         return int(args.fn(args) or 0)
     except ProfileError as e:
         print(f"agentserve: {e}", file=sys.stderr)

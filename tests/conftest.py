@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "tests" / "profiles"
 LOGS = REPO / ".pytest_cache" / "server-logs"
+FEATURE_DUMP = LOGS / "agentspark-first-prefill-features.pt"
 
 # Importing SGLang in this process (unit tests of our hooks) needs what a CPU server gets from
 # the launcher: the CPU engine switch and, where no real sgl_kernel exists, our stand-in.
@@ -23,18 +24,35 @@ if shim_needed() and str(SHIM_DIR) not in sys.path:
     sys.path.insert(0, str(SHIM_DIR))
 
 
-def _server(profile_name: str) -> Iterator["ServerProcess"]:  # noqa: F821
+def _server(profile_name: str, extra_env: dict[str, str] | None = None, **overrides: object) -> Iterator["ServerProcess"]:  # noqa: F821
     from agentserve.procs import ServerProcess
     from agentserve.profile import load_profile
 
     LOGS.mkdir(parents=True, exist_ok=True)
     prof = load_profile(PROFILES / profile_name)
-    srv = ServerProcess(prof, log_path=LOGS / f"{prof.name}.log")
+    if overrides:
+        prof = prof.model_copy(update=overrides)
+    srv = ServerProcess(prof, log_path=LOGS / f"{prof.name}.log", extra_env=extra_env)
     srv.start(timeout=900)
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator:
+    """Factory for extra servers (profile file name + field overrides), stopped at session end."""
+    gens: list[Iterator] = []
+
+    def start(profile_name: str, **overrides: object) -> "ServerProcess":  # noqa: F821
+        g = _server(profile_name, **overrides)
+        gens.append(g)
+        return next(g)
+
+    yield start
+    for g in gens:
+        next(g, None)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +65,14 @@ def plain_server() -> Iterator["ServerProcess"]:  # noqa: F821
 def agent_ngram_server() -> Iterator["ServerProcess"]:  # noqa: F821
     """The bundled model, fp32, with our plugin-registered AGENT_NGRAM worker."""
     yield from _server("agent-ngram-fp32.yaml")
+
+
+@pytest.fixture(scope="session")
+def agentspark_server() -> Iterator["ServerProcess"]:  # noqa: F821
+    """The bundled model, fp32, with our DSpark worker (AGENTSPARK) and the shipped drafter.
+    Its first prefill's captured target features are dumped to FEATURE_DUMP (see test_agentspark)."""
+    FEATURE_DUMP.unlink(missing_ok=True)
+    yield from _server("agentspark-fp32.yaml", extra_env={"AGENTSERVE_DUMP_FEATURES": str(FEATURE_DUMP)})
 
 
 @pytest.fixture(scope="session")

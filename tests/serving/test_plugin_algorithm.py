@@ -36,8 +36,8 @@ def test_agent_ngram_greedy_identical_to_plain(plain_server, agent_ngram_server)
         spec = generate(agent_ngram_server.url, prompt)
         assert spec["output_ids"] == plain["output_ids"], prompt
         meta = spec["meta_info"]
-        verify_steps += meta["spec_verify_ct"]
-        accepted += meta["spec_num_correct_drafts"]
+        verify_steps += meta.get("spec_verify_ct", 0)
+        accepted += meta.get("spec_num_correct_drafts", 0)
     # Speculation really ran (verify forwards happened) and some drafts were accepted, so
     # tokens per verify step exceeded one.
     assert verify_steps > 0

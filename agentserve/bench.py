@@ -1,0 +1,234 @@
+"""`agentserve bench`: the same prompts against several serving systems, one after another on
+this machine, in one run; prints ratios against plain decoding and writes JSON and PNG plots.
+
+Systems are started one at a time (they would distort each other's timings on a small
+machine). Per request: tokens/s seen by that user = (completion tokens - 1) / (end-to-end
+latency - time to first token), τ = SGLang's spec_accept_length (tokens per verify step).
+Ratios, not absolute speeds, are the headline: machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import requests
+
+from agentserve.procs import ServerProcess
+from agentserve.profile import DrafterSpec, Profile, load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "prompts"
+DOMAIN_FILES = {"code": ["humaneval.jsonl", "mbpp.jsonl"], "math": ["gsm8k.jsonl"], "chat": ["mt-bench.jsonl"]}
+
+# name -> drafter settings layered on the base profile
+SYSTEMS: dict[str, DrafterSpec] = {
+    "plain": DrafterSpec(algorithm="none"),
+    "ngram": DrafterSpec(algorithm="ngram", num_draft_tokens=8),
+    "agentspark": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8),
+}
+
+
+@dataclass
+class RequestResult:
+    system: str
+    domain: str
+    concurrency: int
+    completion_tokens: int
+    e2e_s: float
+    ttft_s: float
+    accept_length: float | None
+    verify_ct: int | None
+
+    @property
+    def user_tps(self) -> float:
+        decode = self.e2e_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode if decode > 0 and self.completion_tokens > 1 else 0.0
+
+
+@dataclass
+class BenchResult:
+    machine: str
+    settings: dict
+    requests: list[dict] = field(default_factory=list)
+    start_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_prompts(per_domain: int, seed: int = 0) -> dict[str, list[str]]:
+    """Held-out prompts: the last `per_domain` lines of each domain's files (training uses the head)."""
+    out: dict[str, list[str]] = {}
+    for dom, files in DOMAIN_FILES.items():
+        lines: list[str] = []
+        for f in files:
+            p = DATA / f
+            if p.is_file():
+                rows = [json.loads(l)["turns"][0] for l in p.read_text().splitlines() if l.strip()]
+                lines += rows[-per_domain:]
+        if lines:
+            out[dom] = lines[:per_domain]
+    try:
+        from sglang_ext.agent_traces import benchmark_prompts  # built by the trace generator
+
+        out["agent"] = benchmark_prompts(per_domain, seed=seed)
+    except Exception:
+        pass
+    return out
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+
+
+def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"temperature": temperature, "max_new_tokens": max_new}}
+    r = requests.post(url + "/generate", json=body, timeout=1800)
+    r.raise_for_status()
+    return r.json()["meta_info"]
+
+
+def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int],
+                 max_new: int, temperature: float, log_dir: Path) -> tuple[list[RequestResult], float]:
+    prof = base.model_copy(update={"drafter": SYSTEMS[name]})
+    results: list[RequestResult] = []
+    with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:
+        start = srv.start_seconds or 0.0
+        run_one(srv.url, next(iter(prompts.values()))[0], 8, 0.0)  # warm-up
+        for conc in concurrencies:
+            for dom, plist in prompts.items():
+                jobs = (plist * ((conc + len(plist) - 1) // len(plist)))[: max(conc, len(plist))]
+                with cf.ThreadPoolExecutor(conc) as ex:
+                    metas = list(ex.map(lambda ids: run_one(srv.url, ids, max_new, temperature), jobs))
+                for m in metas:
+                    results.append(RequestResult(name, dom, conc, int(m["completion_tokens"]), float(m["e2e_latency"]),
+                                                 float(m.get("first_token_latency") or 0.0), m.get("spec_accept_length"),
+                                                 m.get("spec_verify_ct")))
+                print(f"  {name:11s} c={conc:<2d} {dom:6s} user tok/s {statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}",
+                      file=sys.stderr)
+    return results, start
+
+
+def summarize(results: list[RequestResult]) -> list[dict]:
+    rows = []
+    keys = sorted({(r.concurrency, r.domain) for r in results})
+    systems = list(dict.fromkeys(r.system for r in results))
+    for conc, dom in keys:
+        base = [r.user_tps for r in results if r.system == "plain" and r.concurrency == conc and r.domain == dom]
+        base_tps = statistics.mean(base) if base else None
+        for s in systems:
+            rs = [r for r in results if r.system == s and r.concurrency == conc and r.domain == dom]
+            if not rs:
+                continue
+            tps = statistics.mean(r.user_tps for r in rs)
+            taus = [r.accept_length for r in rs if r.accept_length]
+            total_tps = sum(r.completion_tokens for r in rs) / max(max(r.e2e_s for r in rs), 1e-9)
+            rows.append({"concurrency": conc, "domain": dom, "system": s, "user_tps": tps,
+                         "ratio_vs_plain": tps / base_tps if base_tps else None,
+                         "tau": statistics.mean(taus) if taus else 1.0, "total_tps": total_tps, "n": len(rs)})
+    return rows
+
+
+def print_table(rows: list[dict], machine: str) -> None:
+    print(f"\nmachine: {machine}")
+    print(f"{'conc':>4} {'domain':7} {'system':12} {'user tok/s':>10} {'x plain':>8} {'tau':>6} {'total tok/s':>11}")
+    for r in rows:
+        ratio = f"{r['ratio_vs_plain']:.2f}" if r["ratio_vs_plain"] else "-"
+        print(f"{r['concurrency']:>4} {r['domain']:7} {r['system']:12} {r['user_tps']:>10.2f} {ratio:>8} {r['tau']:>6.2f} {r['total_tps']:>11.2f}")
+
+
+def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    for metric, label, fname in (("tau", "τ (tokens per verify step)", "tau_per_domain.png"),
+                                 ("ratio_vs_plain", "per-user tok/s ÷ plain", "speedup_per_domain.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        conc = min(r["concurrency"] for r in rows)
+        w = 0.8 / max(1, len(systems))
+        for i, s in enumerate(systems):
+            vals = [next((r[metric] or 0 for r in rows if r["system"] == s and r["domain"] == d and r["concurrency"] == conc), 0) for d in domains]
+            ax.bar([j + i * w for j in range(len(domains))], vals, w, label=s)
+        ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(len(domains))], domains)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}, concurrency {conc} — {machine}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    # throughput vs per-user speed frontier (paper Figure 7 style)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in systems:
+        pts = sorted({r["concurrency"] for r in rows})
+        xs = [statistics.mean(r["user_tps"] for r in rows if r["system"] == s and r["concurrency"] == c) for c in pts]
+        ys = [statistics.mean(r["total_tps"] for r in rows if r["system"] == s and r["concurrency"] == c) for c in pts]
+        ax.plot(xs, ys, marker="o", label=s)
+    ax.set_xlabel("per-user tok/s")
+    ax.set_ylabel("total tok/s")
+    ax.set_title(f"throughput vs per-user speed — {machine}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    p = out / "frontier.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agentserve bench", description=__doc__)
+    ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile (model, server); its drafter is replaced per system")
+    ap.add_argument("--systems", default="plain,ngram,agentspark", help=f"comma list from {sorted(SYSTEMS)}")
+    ap.add_argument("--concurrency", default="1,8", help="comma list")
+    ap.add_argument("--per-domain", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--quick", action="store_true", help="3 prompts per domain, 48 tokens: under 10 minutes on a 2-core CPU")
+    ap.add_argument("--out", default="bench_out")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.per_domain, a.max_new_tokens = 3, 48
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        ap.error(f"--systems: unknown {unknown}; choose from {sorted(SYSTEMS)}")
+    concs = [int(c) for c in a.concurrency.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_profile(a.profile)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base.model.path)
+    prompts = {d: [_chat_ids(tok, p) for p in ps] for d, ps in load_prompts(a.per_domain).items()}
+    machine = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores, {base.model.dtype}".strip()
+    res = BenchResult(machine=machine, settings=vars(a))
+    all_results: list[RequestResult] = []
+    for s in systems:
+        print(f"system {s} ...", file=sys.stderr)
+        rs, start = bench_system(s, base, prompts, concs, a.max_new_tokens, a.temperature, out)
+        all_results += rs
+        res.start_seconds[s] = start
+    res.requests = [asdict(r) | {"user_tps": r.user_tps} for r in all_results]
+    rows = summarize(all_results)
+    print_table(rows, machine)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "settings": vars(a), "summary": rows,
+                                                  "requests": res.requests, "start_seconds": res.start_seconds}, indent=1))
+    for p in plot(rows, out, machine):
+        print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

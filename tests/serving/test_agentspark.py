@@ -1,0 +1,130 @@
+"""Our DSpark worker (AGENTSPARK) inside the real SGLang server on this CPU: lossless against
+plain decoding (greedy byte-identical; sampled distribution equal), statistics in meta_info and
+Prometheus, and plain decoding when the drafter is broken."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from scipy.stats import chi2_contingency
+
+from agentserve.demo import WEATHER_TOOL
+
+pytestmark = pytest.mark.server
+
+GREEDY_PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome, with a docstring and two examples.",
+    "Give me three tips for sleeping better.",
+    "Explain what a hash map is in two sentences.",
+]
+
+
+def chat(prompt: str) -> str:
+    """The bundled model's chat format, so it answers instead of ending at once."""
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def gen(url: str, body: dict) -> dict | list:
+    r = requests.post(url + "/generate", json=body, timeout=900)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_captured_features_are_the_drafters_layers(agentspark_server, model_dir) -> None:
+    """The worker's target features for layer l equal HF transformers' hidden_states[l+1]
+    (DeepSpec's "output of layer l"), so drafters trained offline see what they were trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sglang_ext.dspark.config import DSparkConfig
+
+    dump = Path(agentspark_server.log_path).parent / "agentspark-first-prefill-features.pt"
+    gen(agentspark_server.url, {"text": "The quick brown fox jumps over the lazy dog because",
+                                "sampling_params": {"temperature": 0, "max_new_tokens": 2}})
+    d = torch.load(dump)
+    layers = DSparkConfig.from_pretrained(str(Path(__file__).resolve().parents[2] / "drafters" / "smollm2-135m-dspark")).target_layer_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = model(torch.tensor([d["input_ids"]]), output_hidden_states=True).hidden_states
+    width = d["features"].shape[1] // len(layers)
+    for i, layer in enumerate(layers):
+        ours = d["features"][:, i * width:(i + 1) * width]
+        torch.testing.assert_close(ours, hs[layer + 1][0], rtol=1e-4, atol=1e-3)
+
+
+def test_greedy_identical_to_plain(plain_server, agentspark_server) -> None:
+    steps = 0
+    for p in GREEDY_PROMPTS:
+        body = {"text": chat(p), "sampling_params": {"temperature": 0, "max_new_tokens": 40}}
+        a, b = gen(plain_server.url, body), gen(agentspark_server.url, body)
+        assert b["output_ids"] == a["output_ids"], (p, a["text"], b["text"])
+        steps += b["meta_info"].get("spec_verify_ct", 0)
+    assert steps > 0  # the speculative path really ran
+
+
+def test_greedy_tool_call_turn_identical(plain_server, agentspark_server) -> None:
+    # A constrained (grammar) tool call and the turn after it, through the OpenAI API.
+    msgs = [{"role": "user", "content": "What's the weather in Rome?"}]
+    kw = dict(model="default", tools=[WEATHER_TOOL], tool_choice="required", temperature=0, max_tokens=48, messages=msgs)
+    outs = [requests.post(s.url + "/v1/chat/completions", json=kw, timeout=900).json() for s in (plain_server, agentspark_server)]
+    calls = [o["choices"][0]["message"]["tool_calls"] for o in outs]
+    assert calls[0] and calls[1]
+    assert [c["function"] for c in calls[0]] == [c["function"] for c in calls[1]]
+    msgs += [{"role": "assistant", "content": "", "tool_calls": calls[0]},
+             {"role": "tool", "tool_call_id": calls[0][0]["id"], "content": json.dumps({"temperature_c": 22, "conditions": "sunny"})}]
+    kw.update(messages=msgs, tool_choice="none")
+    texts = [requests.post(s.url + "/v1/chat/completions", json=kw, timeout=900).json()["choices"][0]["message"]["content"]
+             for s in (plain_server, agentspark_server)]
+    assert texts[0] == texts[1]
+
+
+def _samples(url: str, n: int, seed0: int) -> collections.Counter:
+    prompt = "My favourite fruit is"
+    body = {"text": [prompt] * n,
+            "sampling_params": [{"temperature": 1.0, "max_new_tokens": 3, "sampling_seed": seed0 + i} for i in range(n)]}
+    out = gen(url, body)
+    # Tokens 2 and 3 come out of speculative verification (token 1 is sampled at prefill).
+    return collections.Counter(tuple(o["output_ids"][1:3]) for o in out if len(o["output_ids"]) >= 3)
+
+
+def test_sampled_distribution_matches_plain(plain_server, agentspark_server) -> None:
+    n = 400
+    a = _samples(plain_server.url, n, 1000)
+    b = _samples(agentspark_server.url, n, 5000)
+    # Pool rare outcomes so every cell has a usable expected count.
+    common = [k for k, _ in (a + b).most_common() if a[k] + b[k] >= 10]
+    rows = [[a[k] for k in common] + [sum(a.values()) - sum(a[k] for k in common)],
+            [b[k] for k in common] + [sum(b.values()) - sum(b[k] for k in common)]]
+    assert len(common) >= 3, "prompt too deterministic for a distribution test"
+    _, pvalue, _, _ = chi2_contingency(rows)
+    # A sampler that verified greedily (SGLang's CPU tree verify does) collapses the
+    # distribution and fails this at any seed; a correct one passes at the 0.1% level.
+    assert pvalue > 1e-3, (pvalue, rows)
+
+
+def test_worker_metrics_exported(agentspark_server) -> None:
+    gen(agentspark_server.url, {"text": "List five colours:", "sampling_params": {"temperature": 0, "max_new_tokens": 16}})
+    text = requests.get(agentspark_server.url + "/metrics", timeout=60).text
+    for name in ("agentserve:verify_width_count", "agentserve:spec_step_seconds_count", "agentserve:verify_budget_tokens_sum"):
+        assert name in text, name
+
+
+@pytest.fixture(scope="module")
+def broken_drafter_server(tmp_path_factory, start_server):
+    from agentserve.profile import DrafterSpec
+
+    bad = tmp_path_factory.mktemp("bad-drafter")
+    (bad / "config.json").write_text(json.dumps({"block_size": 7, "hidden_size": -1}))
+    return start_server("agentspark-fp32.yaml", drafter=DrafterSpec(algorithm="agentspark", path=str(bad), num_draft_tokens=8))
+
+
+def test_broken_drafter_falls_back_to_plain(plain_server, broken_drafter_server) -> None:
+    body = {"text": chat(GREEDY_PROMPTS[1]), "sampling_params": {"temperature": 0, "max_new_tokens": 24}}
+    assert gen(broken_drafter_server.url, body)["output_ids"] == gen(plain_server.url, body)["output_ids"]
+    text = requests.get(broken_drafter_server.url + "/metrics", timeout=60).text
+    line = next(l for l in text.splitlines() if l.startswith('agentserve:drafter_fallback_total{reason="load"}'))
+    assert float(line.split()[-1]) >= 1
