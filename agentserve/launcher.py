@@ -56,6 +56,8 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         args["--tool-call-parser"] = m.tool_call_parser
     if s.device == "cpu":
         args.update(_CPU_DEFAULTS)
+        # an idle scheduler otherwise busy-polls a whole core
+        args["--sleep-on-idle"] = None
     for flag, value in (
         ("--attention-backend", s.attention_backend),
         ("--mem-fraction-static", s.mem_fraction_static),
@@ -66,7 +68,8 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         if value is not None:
             args[flag] = str(value)
 
-    flags: list[str] = []
+    # usage.prompt_tokens_details.cached_tokens shows agents how much of a turn the cache served
+    flags: list[str] = ["--enable-cache-report"]
     if s.enable_metrics:
         flags.append("--enable-metrics")
     if d.algorithm != "none":

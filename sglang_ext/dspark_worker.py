@@ -44,6 +44,8 @@ from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_fr
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.dspark.verify import verify_block
 from sglang_ext.sps_online import OnlineSPS
+from sglang_ext.suffix_index import SessionIndexRegistry
+from sglang_ext.suffix_proposer import CopySurvival, HybridChoice, HybridDecision, pad_block
 
 log = logging.getLogger("agentserve.dspark_worker")
 
@@ -74,6 +76,16 @@ def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
         torch.save({"input_ids": list(req.origin_input_ids)[:n], "features": hs[:n].float().cpu()}, path)
 
 
+def _profile_radix_drafting() -> bool:
+    import json
+    import os
+
+    try:
+        return bool(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("drafter", {}).get("radix_drafting", True))
+    except ValueError:
+        return True
+
+
 @dataclass
 class StepStats:
     """What the last step did, for metrics and the console."""
@@ -86,6 +98,7 @@ class StepStats:
     schedule_s: float = 0.0
     verify_s: float = 0.0
     fallback: bool = False
+    sources: list[str] = field(default_factory=list)  # "copy" | "model" | "none" per request
 
 
 class AgentSparkWorker(BaseSpecWorker):
@@ -105,6 +118,14 @@ class AgentSparkWorker(BaseSpecWorker):
         self.drafter_error: Optional[str] = None
         self.sps = OnlineSPS.for_model(str(server_args.model_path))
         self._load_drafter(_profile_drafter_path() or get_spec().speculative_draft_model_path)
+        # Radix/session-aware drafting: copied continuations from what the session already holds.
+        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if _profile_radix_drafting() else None
+        self.copy_block = self.block if self.drafter is not None else self.max_width - 1
+        no_model = None if self.drafter is not None else [0.0] * self.copy_block
+        self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
+                         for regime in ("greedy", "sampled")}
+        self._synced: set[str] = set()
+        self._keys: dict[str, str] = {}
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -162,6 +183,38 @@ class AgentSparkWorker(BaseSpecWorker):
         self._keep_before(ctx, start)
         pos = torch.arange(start, start + hidden.shape[0], device=self.device)
         self.drafter.append_context(ctx, hidden, pos)
+
+    def _forget(self, rid: str) -> None:
+        self.contexts.pop(rid, None)
+        for ch in self.choosers.values():
+            ch.forget(rid)
+        self._synced.discard(rid)
+        key = self._keys.pop(rid, None)
+        if self.index is not None and key is not None and key.startswith("req:"):
+            self.index.drop(key)
+
+    def _index_key(self, req: Any) -> str:
+        # A session's requests share one index; a request without one indexes its own prompt,
+        # which for agents already holds the whole conversation so far.
+        sid = getattr(req, "session_id", None)
+        key = f"session:{sid}" if sid else f"req:{req.rid}"
+        self._keys[req.rid] = key
+        return key
+
+    def _copy_decisions(self, batch: ScheduleBatch, greedy: torch.Tensor) -> list[Optional[HybridDecision]]:
+        """Per request: copy or model, decided before any block of this step is sampled."""
+        if self.index is None:
+            return [None] * len(batch.reqs)
+        out: list[Optional[HybridDecision]] = []
+        for i, req in enumerate(batch.reqs):
+            key = self._index_key(req)
+            if req.rid not in self._synced:
+                self.index.sync(key, list(req.origin_input_ids) + list(req.output_ids))
+                self._synced.add(req.rid)
+            proposal = self.index.propose(key, None, self.copy_block)
+            chooser = self.choosers["greedy" if bool(greedy[i]) else "sampled"]
+            out.append(chooser.decide(req.rid, proposal))
+        return out
 
     # ---- the step
     def forward_batch_generation(self, batch: ScheduleBatch, on_publish: Any = None,
@@ -222,7 +275,7 @@ class AgentSparkWorker(BaseSpecWorker):
         bs = len(batch.reqs)
         rids = [r.rid for r in batch.reqs]
         for gone in self._prev_rids - set(rids):
-            self.contexts.pop(gone, None)
+            self._forget(gone)
         self._prev_rids = set(rids)
 
         anchors = torch.tensor([r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1] for r in batch.reqs],
@@ -230,28 +283,48 @@ class AgentSparkWorker(BaseSpecWorker):
         seq_lens = batch.seq_lens.to(self.device).long()
         sampling = self._sampling(batch)
 
-        # 1-2. draft and schedule (any failure: this step verifies the anchor only)
-        drafts = torch.zeros(bs, 0, dtype=torch.long, device=self.device)
+        # 1-2. propose (copy or model, per request), then schedule. Any drafter failure: the
+        # model rows verify the anchor only.
+        g = self.copy_block
+        decisions = self._copy_decisions(batch, sampling.is_greedy)
+        copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
+        model_rows = [i for i in range(bs) if i not in copy_rows] if self.drafter is not None and self.block > 0 else []
+        drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
+        conf = torch.zeros(bs, g, dtype=torch.float32, device=self.device)
+        max_len = torch.zeros(bs, dtype=torch.long)
         q_probs: Optional[torch.Tensor] = None
-        lens = torch.zeros(bs, dtype=torch.long)
-        if self.drafter is not None and self.block > 0:
+        t0 = time.perf_counter()
+        for i in copy_rows:
+            toks, c, n = pad_block(decisions[i].tokens, decisions[i].confidences, g)
+            drafts[i] = torch.tensor(toks, device=self.device)
+            conf[i] = torch.tensor(c, device=self.device)
+            max_len[i] = n
+        if model_rows:
             try:
-                t0 = time.perf_counter()
-                ctxs = [self._ctx(r) for r in rids]
-                for c, a in zip(ctxs, seq_lens.tolist()):
+                idx = torch.tensor(model_rows, device=self.device)
+                ctxs = [self._ctx(rids[i]) for i in model_rows]
+                for c, a in zip(ctxs, seq_lens[idx].tolist()):
                     self._keep_before(c, a)
-                blk = self.drafter.draft_block(ctxs, anchors, seq_lens, sampling, generator=self.generator)
-                drafts = blk.tokens[:, : self.block]
-                q_probs = blk.q_probs[:, : self.block]
-                conf = blk.confidences if blk.confidences is not None else torch.ones_like(drafts, dtype=torch.float)
-                t1 = time.perf_counter()
-                lens = schedule_algorithm1(SchedulerInput(conf[:, : self.block].float()), self.sps)
-                stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
+                blk = self.drafter.draft_block(ctxs, anchors[idx], seq_lens[idx], sampling.index(idx), generator=self.generator)
+                drafts[idx] = blk.tokens[:, :g]
+                mconf = blk.confidences if blk.confidences is not None else torch.full_like(blk.tokens, 0.5, dtype=torch.float)
+                conf[idx] = mconf[:, :g].float()
+                max_len[idx.cpu()] = g
+                # one-hot rows for copied drafts: their proposal is deterministic
+                q_probs = torch.nn.functional.one_hot(drafts, blk.q_probs.shape[-1]).float()
+                q_probs[idx] = blk.q_probs[:, :g].float()
             except Exception as e:
                 self._drafter_failed(e)
                 stats.fallback = True
-                drafts = torch.zeros(bs, 0, dtype=torch.long, device=self.device)
-                q_probs, lens = None, torch.zeros(bs, dtype=torch.long)
+                for i in model_rows:
+                    max_len[i] = 0
+                    conf[i] = 0
+                model_rows = []
+                q_probs = None
+        t1 = time.perf_counter()
+        lens = schedule_algorithm1(SchedulerInput(conf, max_len=max_len), self.sps) if bs else torch.zeros(0, dtype=torch.long)
+        stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
+        stats.sources = ["copy" if i in copy_rows else "model" if i in model_rows else "none" for i in range(bs)]
 
         width = 1 + int(lens.max()) if bs else 1
         stats.verify_width, stats.verify_lens = width, lens.tolist()
@@ -316,6 +389,7 @@ class AgentSparkWorker(BaseSpecWorker):
             except Exception as e:
                 self._drafter_failed(e)
         stats.accepted = num_correct.tolist()
+        self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)
 
@@ -330,6 +404,20 @@ class AgentSparkWorker(BaseSpecWorker):
                                               accept_tokens=flat, accept_lens=accept_lens),
             speculative_num_draft_tokens=self.max_width,
         )
+
+    def _learn(self, batch: ScheduleBatch, decisions: list[Optional[HybridDecision]], stats: StepStats,
+               emitted: list[list[int]], conf: torch.Tensor, greedy: torch.Tensor) -> None:
+        """After verification: the index learns the emitted tokens, the choosers the outcome."""
+        if self.index is None:
+            return
+        for i, req in enumerate(batch.reqs):
+            self.index.extend(self._keys.get(req.rid) or self._index_key(req), emitted[i])
+            chooser = self.choosers["greedy" if bool(greedy[i]) else "sampled"]
+            ell, acc = stats.verify_lens[i], stats.accepted[i]
+            if stats.sources[i] == "copy" and decisions[i] is not None:
+                chooser.observe_copy(decisions[i], acc, ell, rejected=acc < ell)
+            elif stats.sources[i] == "model":
+                chooser.observe_model(req.rid, conf[i].tolist())
 
     def _grammar_mask(self, batch: ScheduleBatch, tokens: torch.Tensor, width: int) -> Any:
         from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask

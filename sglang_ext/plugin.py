@@ -2,7 +2,8 @@
 
 SGLang calls `load()` early in every server process (main, scheduler, detokenizer). It:
 1. teaches the torch_native attention backend the TARGET_VERIFY forward;
-2. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK).
+2. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
+3. in the HTTP process, adds agent identity and per-agent metrics (agent_api.py).
 Failures are logged, never raised: a broken plugin must not take plain serving down.
 """
 
@@ -28,3 +29,18 @@ def load() -> None:
     from sglang_ext import algorithms
 
     algorithms.register_all()
+
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        # Only the HTTP (main) process serves requests; scheduler processes skip the import.
+        HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch, HookType.BEFORE)
+
+
+def _before_launch(*args: object, **kwargs: object) -> None:
+    from sglang.srt.entrypoints import http_server
+
+    from sglang_ext import agent_api
+
+    agent_api.install(http_server.app)
+    return None

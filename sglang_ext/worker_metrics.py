@@ -31,6 +31,8 @@ def _metrics() -> dict[str, Any] | None:
                                buckets=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]),
             "proposed": Counter("agentserve:spec_verified_drafts_total", "Drafts verified, by position in the block", ["position"]),
             "accepted": Counter("agentserve:spec_accepted_drafts_total", "Drafts accepted, by position in the block", ["position"]),
+            "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session index; model: DSpark drafter)", ["source"]),
+            "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session index; model: DSpark drafter)", ["source"]),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
         log.warning("agentserve worker metrics disabled: %s", e)
@@ -52,7 +54,11 @@ def observe_step(stats: Any) -> None:
         m["width"].observe(stats.verify_width)
         m["batch"].observe(stats.batch_size)
         m["budget"].observe(sum(stats.verify_lens))
-        for ell, acc in zip(stats.verify_lens, stats.accepted):
+        sources = stats.sources or ["model"] * len(stats.verify_lens)
+        for ell, acc, src in zip(stats.verify_lens, stats.accepted, sources):
+            if ell:
+                m["src_verified"].labels(source=src).inc(ell)
+                m["src_accepted"].labels(source=src).inc(acc)
             m["req_len"].observe(ell)
             for pos in range(1, ell + 1):
                 m["proposed"].labels(position=str(pos)).inc()
