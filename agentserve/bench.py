@@ -61,9 +61,11 @@ class BenchResult:
     start_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def load_prompts(per_domain: int, seed: int = 0) -> dict[str, list[str]]:
-    """Held-out prompts: the last `per_domain` lines of each domain's files (training uses the head)."""
-    out: dict[str, list[str]] = {}
+def load_prompts(per_domain: int, tokenizer, seed: int = 0) -> dict[str, list[list[int]]]:
+    """Held-out prompts as token ids: the last `per_domain` lines of each domain's files
+    (drafter training uses the head), plus multi-turn agent traces cut before their last
+    assistant turn (tool calls with JSON arguments, tool outputs echoed, file edits, retries)."""
+    out: dict[str, list[list[int]]] = {}
     for dom, files in DOMAIN_FILES.items():
         lines: list[str] = []
         for f in files:
@@ -72,18 +74,27 @@ def load_prompts(per_domain: int, seed: int = 0) -> dict[str, list[str]]:
                 rows = [json.loads(l)["turns"][0] for l in p.read_text().splitlines() if l.strip()]
                 lines += rows[-per_domain:]
         if lines:
-            out[dom] = lines[:per_domain]
-    try:
-        from sglang_ext.agent_traces import benchmark_prompts  # built by the trace generator
-
-        out["agent"] = benchmark_prompts(per_domain, seed=seed)
-    except Exception:
-        pass
+            out[dom] = [_chat_ids(tokenizer, t) for t in lines[:per_domain]]
+    out["agent"] = agent_prompts(per_domain, tokenizer, seed)
     return out
 
 
+def agent_prompts(n: int, tokenizer, seed: int = 0) -> list[list[int]]:
+    from sglang_ext.agent_traces import TRACE_KINDS, build_trace
+
+    prompts = []
+    for i in range(n):
+        trace = build_trace(TRACE_KINDS[i % len(TRACE_KINDS)], seed + i)
+        segs = trace.render_segments()
+        last_gen = max(j for j, (_, generated) in enumerate(segs) if generated)
+        text = "".join(t for t, _ in segs[:last_gen])  # ends with "<|im_start|>assistant\n"
+        prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
+    return prompts
+
+
 def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-domain", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--domains", default="code,math,chat,agent", help="comma list of code, math, chat, agent")
     ap.add_argument("--quick", action="store_true", help="3 prompts per domain, 48 tokens: under 10 minutes on a 2-core CPU")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args(argv)
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.model.path)
-    prompts = {d: [_chat_ids(tok, p) for p in ps] for d, ps in load_prompts(a.per_domain).items()}
+    prompts = {d: v for d, v in load_prompts(a.per_domain, tok).items() if d in a.domains.split(",")}
     machine = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores, {base.model.dtype}".strip()
     res = BenchResult(machine=machine, settings=vars(a))
     all_results: list[RequestResult] = []
