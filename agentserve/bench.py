@@ -32,7 +32,12 @@ DOMAIN_FILES = {"code": ["humaneval.jsonl", "mbpp.jsonl"], "math": ["gsm8k.jsonl
 SYSTEMS: dict[str, DrafterSpec] = {
     "plain": DrafterSpec(algorithm="none"),
     "ngram": DrafterSpec(algorithm="ngram", num_draft_tokens=8),
-    "agentspark": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8),
+    # our worker, model drafts only
+    "dspark": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8,
+                          radix_drafting=False),
+    # our worker, model drafts + copied continuations from the session index
+    "hybrid": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8,
+                          radix_drafting=True),
 }
 
 
@@ -59,6 +64,7 @@ class BenchResult:
     settings: dict
     requests: list[dict] = field(default_factory=list)
     start_seconds: dict[str, float] = field(default_factory=dict)
+    rss_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def load_prompts(per_domain: int, tokenizer, seed: int = 0) -> dict[str, list[list[int]]]:
@@ -105,7 +111,7 @@ def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
 
 
 def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int],
-                 max_new: int, temperature: float, log_dir: Path) -> tuple[list[RequestResult], float]:
+                 max_new: int, temperature: float, log_dir: Path) -> tuple[list[RequestResult], float, int]:
     prof = base.model_copy(update={"drafter": SYSTEMS[name]})
     results: list[RequestResult] = []
     with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:
@@ -122,7 +128,8 @@ def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], 
                                                  m.get("spec_verify_ct")))
                 print(f"  {name:11s} c={conc:<2d} {dom:6s} user tok/s {statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}",
                       file=sys.stderr)
-    return results, start
+        rss = srv.peak_rss_bytes()
+    return results, start, rss
 
 
 def summarize(results: list[RequestResult]) -> list[dict]:
@@ -201,7 +208,7 @@ def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agentserve bench", description=__doc__)
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile (model, server); its drafter is replaced per system")
-    ap.add_argument("--systems", default="plain,ngram,agentspark", help=f"comma list from {sorted(SYSTEMS)}")
+    ap.add_argument("--systems", default="plain,ngram,dspark,hybrid", help=f"comma list from {sorted(SYSTEMS)}")
     ap.add_argument("--concurrency", default="1,8", help="comma list")
     ap.add_argument("--per-domain", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -229,14 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     all_results: list[RequestResult] = []
     for s in systems:
         print(f"system {s} ...", file=sys.stderr)
-        rs, start = bench_system(s, base, prompts, concs, a.max_new_tokens, a.temperature, out)
+        rs, start, rss = bench_system(s, base, prompts, concs, a.max_new_tokens, a.temperature, out)
         all_results += rs
         res.start_seconds[s] = start
+        res.rss_bytes[s] = rss
+        print(f"  {s}: healthy after {start:.0f}s, resident memory {rss / 2**30:.2f} GiB", file=sys.stderr)
     res.requests = [asdict(r) | {"user_tps": r.user_tps} for r in all_results]
     rows = summarize(all_results)
     print_table(rows, machine)
     (out / "results.json").write_text(json.dumps({"machine": machine, "settings": vars(a), "summary": rows,
-                                                  "requests": res.requests, "start_seconds": res.start_seconds}, indent=1))
+                                                  "requests": res.requests, "start_seconds": res.start_seconds,
+                                                  "rss_bytes": res.rss_bytes}, indent=1))
     for p in plot(rows, out, machine):
         print(f"wrote {p}", file=sys.stderr)
     return 0

@@ -1,0 +1,144 @@
+"""Sequential Temperature Scaling (STS) of the confidence head.
+
+c_k = sigmoid(z_k) models P(x_k survives | x_<k survived), so the prefix survival estimate is
+prod_{i<=k} c_i.  Left to right, T_k is chosen on a grid to minimise the ECE of
+prod_{i<k} sigmoid(z_i/T_i) * sigmoid(z_k/T) against the observed prefix survival
+(1 if drafts 1..k were all accepted), keeping T_<k fixed.  Scaling a logit by a positive
+temperature is order preserving.  Calibration depends on the sampling temperature, so
+temperatures are stored per sampling-temperature bucket ("0.0", "1.0", ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULT_GRID = torch.cat([torch.logspace(-1.5, 1.5, 241, dtype=torch.float64), torch.ones(1, dtype=torch.float64)])
+
+
+def expected_calibration_error(pred: torch.Tensor, obs: torch.Tensor, n_bins: int = 15) -> float:
+    """Equal-width-bin ECE: sum_b |mean(pred_b) - mean(obs_b)| * n_b / N."""
+    pred = pred.double().reshape(-1)
+    obs = obs.double().reshape(-1)
+    n = pred.numel()
+    if n == 0:
+        return 0.0
+    idx = (pred * n_bins).long().clamp(0, n_bins - 1)
+    cnt = torch.bincount(idx, minlength=n_bins).double()
+    sp = torch.bincount(idx, weights=pred, minlength=n_bins)
+    so = torch.bincount(idx, weights=obs, minlength=n_bins)
+    return float((sp - so).abs().sum() / n)
+
+
+def prefix_survival_observed(accept_len: torch.Tensor, gamma: int) -> torch.Tensor:
+    """accept_len [N] (drafts accepted, full block verified) -> survived [N, gamma] bool."""
+    return torch.arange(1, gamma + 1)[None, :] <= accept_len.reshape(-1, 1).cpu()
+
+
+def _to_logits(conf: torch.Tensor, is_logit: bool) -> torch.Tensor:
+    if is_logit:
+        return conf.double()
+    c = conf.double().clamp(1e-7, 1 - 1e-7)
+    return torch.log(c) - torch.log1p(-c)
+
+
+def fit_sts(
+    conf: torch.Tensor,
+    survived: torch.Tensor,
+    is_logit: bool = True,
+    grid: Optional[torch.Tensor] = None,
+    n_bins: int = 15,
+) -> tuple[list[float], list[float], list[float]]:
+    """conf [N, g] raw confidence logits (or probabilities with is_logit=False); survived
+    [N, g] observed prefix survival.  Returns (temperatures, ece_before, ece_after) per position
+    (ECE of the cumulative product)."""
+    z = _to_logits(conf, is_logit).cpu()
+    s = survived.double().cpu()
+    grid = DEFAULT_GRID if grid is None else grid.double()
+    n, g = z.shape
+    temps: list[float] = []
+    before: list[float] = []
+    after: list[float] = []
+    cum_raw = torch.ones(n, dtype=torch.float64)
+    cum_cal = torch.ones(n, dtype=torch.float64)
+    for k in range(g):
+        cum_raw = cum_raw * torch.sigmoid(z[:, k])
+        before.append(expected_calibration_error(cum_raw, s[:, k], n_bins))
+        best_t, best_e = 1.0, float("inf")
+        for t in grid.tolist():
+            e = expected_calibration_error(cum_cal * torch.sigmoid(z[:, k] / t), s[:, k], n_bins)
+            # prefer the temperature closest to 1 among (numerically) equal errors
+            if e < best_e - 1e-12 or (abs(e - best_e) <= 1e-12 and abs(t - 1.0) < abs(best_t - 1.0)):
+                best_t, best_e = t, e
+        temps.append(best_t)
+        cum_cal = cum_cal * torch.sigmoid(z[:, k] / best_t)
+        after.append(best_e)
+    return temps, before, after
+
+
+def bucket_key(temperature: float) -> str:
+    return f"{float(temperature):.1f}"
+
+
+@dataclass
+class STSCalibration:
+    """Per-sampling-temperature-bucket temperatures T_1..T_g."""
+
+    buckets: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def fit(self, sampling_temperature: float, conf_logits: torch.Tensor, survived: torch.Tensor) -> dict[str, list[float]]:
+        temps, before, after = fit_sts(conf_logits, survived, is_logit=True)
+        key = bucket_key(sampling_temperature)
+        self.buckets[key] = temps
+        self.stats[key] = {"ece_before": before, "ece_after": after}
+        return self.stats[key]
+
+    def temperatures_for(self, sampling_temperature: float, gamma: int) -> torch.Tensor:
+        if not self.buckets:
+            return torch.ones(gamma, dtype=torch.float64)
+        keys = sorted(self.buckets, key=lambda k: (abs(float(k) - float(sampling_temperature)), float(k)))
+        t = list(self.buckets[keys[0]])
+        t = (t + [t[-1]] * gamma)[:gamma]  # pad if the block size grew
+        return torch.tensor(t, dtype=torch.float64)
+
+    def apply_logits(self, conf_logits: torch.Tensor, sampling_temperatures: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+        """conf_logits [R, g] -> calibrated c [R, g] (float32)."""
+        r, g = conf_logits.shape
+        if isinstance(sampling_temperatures, (int, float)):
+            temps_in = [float(sampling_temperatures)] * r
+        else:
+            temps_in = [float(x) for x in torch.as_tensor(sampling_temperatures).reshape(-1).tolist()]
+        cache: dict[str, torch.Tensor] = {}
+        rows = []
+        for t in temps_in:
+            k = bucket_key(t)
+            if k not in cache:
+                cache[k] = self.temperatures_for(t, g)
+            rows.append(cache[k])
+        tt = torch.stack(rows).to(conf_logits.device, torch.float32)
+        return torch.sigmoid(conf_logits.float() / tt)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"format": "dspark-sts-v1", "buckets": self.buckets, "stats": self.stats}
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "STSCalibration":
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("format") != "dspark-sts-v1" or not isinstance(d.get("buckets"), dict):
+            raise ValueError(f"{path}: not a dspark-sts-v1 calibration file (field 'format'/'buckets')")
+        buckets = {str(k): [float(x) for x in v] for k, v in d["buckets"].items()}
+        for k, v in buckets.items():
+            if not v or any(x <= 0 for x in v):
+                raise ValueError(f"{path}: bucket {k!r} must hold positive temperatures")
+        return cls(buckets=buckets, stats=d.get("stats") or {})

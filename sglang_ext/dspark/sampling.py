@@ -1,0 +1,156 @@
+"""Logits processing and sequential (left-to-right) block sampling.
+
+Semantics follow SGLang's sampler: probs = softmax(logits / T); then, on the probabilities
+sorted in descending order, drop every token whose preceding cumulative mass already
+exceeds top_p, drop every rank >= top_k, renormalise.  T == 0 (or below ``GREEDY_EPS``) means
+greedy: a one-hot on the argmax of the raw logits.  The *same* function is used for the draft
+distribution q and the target distribution p, which is what lossless verification needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+GREEDY_EPS = 1e-5
+TOP_K_ALL = 1 << 30
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters as batched tensors (length R)."""
+
+    temperature: torch.Tensor  # float [R]; 0 => greedy
+    top_p: torch.Tensor  # float [R]; 1 => off
+    top_k: torch.Tensor  # long [R]; <=0 or >=V => off
+
+    @classmethod
+    def make(
+        cls,
+        temperature: Sequence[float] | float,
+        top_p: Sequence[float] | float = 1.0,
+        top_k: Sequence[int] | int = -1,
+        n: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> "SamplingParams":
+        def vec(x: Sequence[float] | float, dtype: torch.dtype) -> torch.Tensor:
+            if isinstance(x, (int, float)):
+                assert n is not None, "n is required for scalar sampling params"
+                return torch.full((n,), x, dtype=dtype, device=device)
+            return torch.as_tensor(list(x), dtype=dtype, device=device)
+
+        return cls(vec(temperature, torch.float32), vec(top_p, torch.float32), vec(top_k, torch.long))
+
+    def __len__(self) -> int:
+        return int(self.temperature.shape[0])
+
+    @property
+    def is_greedy(self) -> torch.Tensor:
+        return self.temperature < GREEDY_EPS
+
+    def index(self, idx: torch.Tensor) -> "SamplingParams":
+        return SamplingParams(self.temperature[idx], self.top_p[idx], self.top_k[idx])
+
+    def expand(self, times: int) -> "SamplingParams":
+        """Repeat each request's params `times` times (row r -> rows r*times..)."""
+        return SamplingParams(
+            self.temperature.repeat_interleave(times),
+            self.top_p.repeat_interleave(times),
+            self.top_k.repeat_interleave(times),
+        )
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [N, V] -> probabilities [N, V] (float32) after temperature/top-k/top-p.
+
+    Rows whose temperature is 0 become one-hot on argmax(logits) (first index on ties, as
+    torch.argmax does in the target's greedy decoding).
+    """
+    logits = logits.float()
+    n, v = logits.shape
+    dev = logits.device
+    temp = params.temperature.to(dev).float()
+    greedy = temp < GREEDY_EPS
+    safe_t = torch.where(greedy, torch.ones_like(temp), temp)
+    probs = torch.softmax(logits / safe_t[:, None], dim=-1)
+
+    top_k = params.top_k.to(dev).long()
+    top_k = torch.where((top_k <= 0) | (top_k >= v), torch.full_like(top_k, TOP_K_ALL), top_k)
+    top_p = params.top_p.to(dev).float()
+    need_filter = ((top_k < v) | (top_p < 1.0)) & ~greedy
+    if bool(need_filter.any()):
+        rows = need_filter.nonzero(as_tuple=True)[0]
+        p = probs[rows]
+        p_sort, p_idx = torch.sort(p, dim=-1, descending=True, stable=True)
+        csum = torch.cumsum(p_sort, dim=-1)
+        drop = (csum - p_sort) > top_p[rows, None]
+        ranks = torch.arange(v, device=dev)[None, :]
+        drop |= ranks >= top_k[rows, None]
+        drop[:, 0] = False  # the top token always survives
+        p_sort = p_sort.masked_fill(drop, 0.0)
+        filtered = torch.zeros_like(p).scatter_(1, p_idx, p_sort)
+        probs[rows] = filtered / filtered.sum(dim=-1, keepdim=True)
+    if bool(greedy.any()):
+        rows = greedy.nonzero(as_tuple=True)[0]
+        onehot = torch.zeros(rows.numel(), v, device=dev)
+        onehot.scatter_(1, logits[rows].argmax(dim=-1, keepdim=True), 1.0)
+        probs[rows] = onehot
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row.  One-hot rows return their index without consuming extra randomness
+    semantics (multinomial still returns the only non-zero index)."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# A step of the sequential head: (prev_tokens [R], h_k [R, d], state) -> (bias [R, V], state)
+BiasStep = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+
+
+@dataclass
+class BlockSample:
+    tokens: torch.Tensor  # long [R, gamma]
+    q_probs: torch.Tensor  # float [R, gamma, V]: the exact distribution each token was drawn from
+    logits: torch.Tensor  # float [R, gamma, V]: base + sequential bias, before processing
+    prev_tokens: torch.Tensor  # long [R, gamma]: x_{k-1} for each slot (anchor for slot 0)
+
+
+def sample_block_sequential(
+    base_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    anchors: torch.Tensor,
+    params: SamplingParams,
+    bias_step: Optional[BiasStep],
+    generator: Optional[torch.Generator] = None,
+    init_state: Optional[torch.Tensor] = None,
+) -> BlockSample:
+    """Left-to-right sampling p_k(v) = softmax(U_k(v) + B_k(x_{<k}, v)) processed by `params`.
+
+    base_logits [R, g, V], hidden [R, g, d], anchors [R].  With bias_step None this is plain
+    parallel (DFlash-style) sampling.
+    """
+    r, g, v = base_logits.shape
+    tokens = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
+    q = torch.empty(r, g, v, dtype=torch.float32, device=base_logits.device)
+    all_logits = torch.empty(r, g, v, dtype=torch.float32, device=base_logits.device)
+    prevs = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
+    prev = anchors.long()
+    state = init_state
+    # Greedy rows are one-hot after processing: argmax is the same draw without multinomial's cost.
+    all_greedy = bool(params.is_greedy.all())
+    for k in range(g):
+        logits_k = base_logits[:, k].float()
+        if bias_step is not None:
+            bias, state = bias_step(prev, hidden[:, k], state)
+            logits_k = logits_k + bias.float()
+        probs = process_logits(logits_k, params)
+        x = probs.argmax(-1) if all_greedy else sample_from_probs(probs, generator)
+        tokens[:, k] = x
+        q[:, k] = probs
+        all_logits[:, k] = logits_k
+        prevs[:, k] = prev
+        prev = x
+    return BlockSample(tokens=tokens, q_probs=q, logits=all_logits, prev_tokens=prevs)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_ext.dspark.calibration import STSCalibration, expected_calibration_error, fit_sts
+from sglang_ext.dspark.sampling import SamplingParams, process_logits
+from sglang_ext.dspark.sps import SPSTable, cache_key, machine_fingerprint
+from sglang_ext.dspark.verify import verify_block
+
+
+def _synthetic(n: int, g: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    true_logit = torch.randn(n, g, generator=gen) * 1.5 + 1.0
+    true_c = torch.sigmoid(true_logit)
+    ok = torch.rand(n, g, generator=gen) < true_c
+    survived = torch.cumprod(ok.long(), 1).bool()
+    over = true_logit * 2.5 + 0.3  # overconfident head
+    return over, survived
+
+
+def test_sts_reduces_ece_and_preserves_order(tmp_path) -> None:
+    z, s = _synthetic(20000, 5, 0)
+    temps, before, after = fit_sts(z, s)
+    assert all(a <= b + 1e-12 for a, b in zip(after, before))
+    assert sum(before) / 5 > 0.1 and sum(after) < 0.25 * sum(before)
+    assert all(t > 1.0 for t in temps)  # overconfident -> soften
+    # held-out data: still better
+    z2, s2 = _synthetic(20000, 5, 1)
+    cal = STSCalibration()
+    cal.fit(1.0, z, s)
+    c2 = cal.apply_logits(z2, torch.ones(z2.shape[0]))
+    raw_cum = torch.cumprod(torch.sigmoid(z2), 1)
+    cal_cum = torch.cumprod(c2.double(), 1)
+    for k in range(5):
+        assert expected_calibration_error(cal_cum[:, k], s2[:, k]) < expected_calibration_error(raw_cum[:, k], s2[:, k])
+    # order preserving per position
+    for k in range(5):
+        order_raw = torch.argsort(z2[:, k], stable=True)
+        assert torch.all(c2[order_raw, k][1:] >= c2[order_raw, k][:-1])
+    # buckets + JSON round trip
+    cal.fit(0.0, z * 0.5, s)
+    p = tmp_path / "sts.json"
+    cal.save(str(p))
+    cal2 = STSCalibration.load(str(p))
+    assert cal2.buckets == cal.buckets
+    assert torch.equal(cal2.apply_logits(z2[:4], [0.0, 0.1, 1.0, 0.7]), cal.apply_logits(z2[:4], [0.0, 0.1, 1.0, 0.7]))
+    assert torch.allclose(cal2.temperatures_for(0.2, 5), torch.tensor(cal.buckets["0.0"], dtype=torch.float64))
+
+
+def test_sps_monotone_interp_and_cache(tmp_path) -> None:
+    t = SPSTable([1, 2, 4, 8, 16], [10.0, 10.5, 8.0, 8.2, 4.0])
+    vals = [t(b) for b in range(1, 40)]
+    assert all(b <= a + 1e-12 for a, b in zip(vals, vals[1:]))
+    assert t(3) == pytest.approx((t(2) + t(4)) / 2)
+    calls = []
+    def fwd(b: int) -> None:
+        calls.append(b)
+    t2 = SPSTable.load_or_profile(str(tmp_path), "toy", fwd, batch_sizes=(1, 2, 4), iters=1, warmup=0)
+    n = len(calls)
+    t3 = SPSTable.load_or_profile(str(tmp_path), "toy", fwd, batch_sizes=(1, 2, 4))
+    assert len(calls) == n and t3.fitted == t2.fitted  # second call hit the cache
+    assert cache_key("a") != cache_key("b")
+    assert "torch" in machine_fingerprint()
+
+
+def test_process_logits_semantics() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    p = process_logits(logits, SamplingParams.make([1.0, 1.0, 0.0, 1.0], [1.0, 0.8, 1.0, 0.5], [-1, 2, -1, 1]))
+    assert torch.allclose(p[0], torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    # top_p=0.8 keeps tokens whose preceding mass <= 0.8 (0.5, 0.3), then top_k=2
+    assert torch.allclose(p[1], torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.equal(p[2], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(p[3], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    t = process_logits(logits[:1], SamplingParams.make([2.0], [1.0], [-1]))
+    ref = torch.softmax(logits[0] / 2, -1)
+    assert torch.allclose(t[0], ref)
+
+
+def test_verify_rules() -> None:
+    v = 4
+    p = torch.zeros(1, 4, v)
+    p[0, :, 1] = 1.0  # target deterministic: always 1
+    drafts = torch.tensor([[1, 1, 2]])
+    r = verify_block(drafts, p, None, greedy=torch.tensor([True]))
+    assert r.accept_lens.tolist() == [2] and r.tokens == [[1, 1, 1]]
+    assert r.accept_flags.tolist() == [[True, True, False]]
+    # verify length truncation: only 1 verified -> bonus from p at position 1
+    r = verify_block(drafts, p, None, verify_lens=torch.tensor([1]), greedy=torch.tensor([True]))
+    assert r.tokens == [[1, 1]]
+    # EOS accepted ends the round without bonus
+    r = verify_block(drafts, p, None, greedy=torch.tensor([True]), eos_token_ids=[1])
+    assert r.tokens == [[1]] and r.bonus.tolist() == [-1]
+    # sampling, q one-hot at a zero-probability token -> always rejected, residual = p
+    r = verify_block(torch.tensor([[0, 1, 1]]), p, None, generator=torch.Generator().manual_seed(0))
+    assert r.tokens == [[1]]
