@@ -28,7 +28,9 @@ def test_multi_turn_reuses_cached_prefix_and_is_tracked_per_agent(plain_server) 
     call = r1.choices[0].message.tool_calls[0]
     msgs += [{"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": -2})}]
-    r2 = c.chat.completions.create(model="default", messages=msgs, tools=[WEATHER_TOOL], tool_choice="none",
+    # tool_choice stays "auto" as in an agent loop: SGLang drops `tools` from the template for
+    # "none", which changes the system turn and so the cached prefix.
+    r2 = c.chat.completions.create(model="default", messages=msgs, tools=[WEATHER_TOOL], tool_choice="auto",
                                    temperature=0, max_tokens=24)
     # Turn 2 prefills only what is new: the whole first prompt comes from the radix cache.
     cached = r2.usage.prompt_tokens_details.cached_tokens
