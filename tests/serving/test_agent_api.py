@@ -4,6 +4,7 @@ server, through the official openai client."""
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -41,8 +42,13 @@ def test_multi_turn_reuses_cached_prefix_and_is_tracked_per_agent(plain_server) 
                                        temperature=0, max_tokens=16, stream=True)
     assert "".join((ch.choices[0].delta.content or "") for ch in stream if ch.choices)
 
-    table = requests.get(plain_server.url + "/agentserve/v1/agents", timeout=30).json()
-    row = next(a for a in table["agents"] if a["agent_id"] == "planner-7")
+    # The streamed request's handler finishes just after its last chunk reaches the client.
+    for _ in range(50):
+        table = requests.get(plain_server.url + "/agentserve/v1/agents", timeout=30).json()
+        row = next(a for a in table["agents"] if a["agent_id"] == "planner-7")
+        if row["running"] == 0:
+            break
+        time.sleep(0.1)
     assert row["requests"] == 3 and row["running"] == 0
     assert row["tier"] == "standard"  # the profile's default tier
     assert row["tokens_per_s"] > 0 and row["ttft_p50_s"] is not None
