@@ -82,28 +82,34 @@ def test_greedy_tool_call_turn_identical(plain_server, agentspark_server) -> Non
     assert texts[0] == texts[1]
 
 
-def _samples(url: str, n: int, seed0: int) -> collections.Counter:
+def _samples(url: str, n: int, seed0: int) -> list[list[int]]:
     prompt = "My favourite fruit is"
     body = {"text": [prompt] * n,
             "sampling_params": [{"temperature": 1.0, "max_new_tokens": 3, "sampling_seed": seed0 + i} for i in range(n)]}
-    out = gen(url, body)
-    # Tokens 2 and 3 come out of speculative verification (token 1 is sampled at prefill).
-    return collections.Counter(tuple(o["output_ids"][1:3]) for o in out if len(o["output_ids"]) >= 3)
+    return [o["output_ids"] for o in gen(url, body) if len(o["output_ids"]) >= 3]
+
+
+def _two_sample_chi2(a: collections.Counter, b: collections.Counter, min_count: int = 10) -> tuple[float, int]:
+    """Chi-square homogeneity test; outcomes rarer than `min_count` (both samples) are pooled."""
+    common = [k for k, _ in (a + b).most_common() if a[k] + b[k] >= min_count]
+    rows = [[c[k] for k in common] + [sum(c.values()) - sum(c[k] for k in common)] for c in (a, b)]
+    if rows[0][-1] + rows[1][-1] == 0:
+        rows = [r[:-1] for r in rows]
+    return float(chi2_contingency(rows)[1]), len(common)
 
 
 def test_sampled_distribution_matches_plain(plain_server, agentspark_server) -> None:
-    n = 240
+    n = 300
     a = _samples(plain_server.url, n, 1000)
     b = _samples(agentspark_server.url, n, 5000)
-    # Pool rare outcomes so every cell has a usable expected count.
-    common = [k for k, _ in (a + b).most_common() if a[k] + b[k] >= 10]
-    rows = [[a[k] for k in common] + [sum(a.values()) - sum(a[k] for k in common)],
-            [b[k] for k in common] + [sum(b.values()) - sum(b[k] for k in common)]]
-    assert len(common) >= 3, "prompt too deterministic for a distribution test"
-    _, pvalue, _, _ = chi2_contingency(rows)
-    # A sampler that verified greedily (SGLang's CPU tree verify does) collapses the
-    # distribution and fails this at any seed; a correct one passes at the 0.1% level.
-    assert pvalue > 1e-3, (pvalue, rows)
+    # Tokens 2 and 3 come out of speculative verification (token 1 is sampled at prefill);
+    # their marginals are compared separately (pairs would spread the counts too thin).
+    for pos in (1, 2):
+        pvalue, cells = _two_sample_chi2(collections.Counter(o[pos] for o in a), collections.Counter(o[pos] for o in b))
+        assert cells >= 3, f"token {pos + 1}: too few frequent outcomes for a distribution test"
+        # A sampler that verified greedily (SGLang's CPU tree verify does) collapses the
+        # distribution and fails this at any seed; a correct one passes at the 0.05% level.
+        assert pvalue > 5e-4, (pos, pvalue)
 
 
 def test_worker_metrics_exported(agentspark_server) -> None:
