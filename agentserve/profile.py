@@ -67,11 +67,23 @@ class Tier(_Strict):
     priority: int = Field(default=0, ge=0, description="0 is served first")
     max_concurrency: int | None = Field(default=None, gt=0)
     on_overload: Literal["queue", "reject"] = "queue"
+    queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait in the admission queue before a 503")
 
-    @field_validator("target_tokens_per_s", mode="before")
+    @field_validator("target_tokens_per_s", "queue_timeout_s", mode="before")
     @classmethod
     def _int_ok(cls, v: Any) -> Any:
         # YAML writes 20 as an int; strict mode would refuse it for a float field.
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class SessionSpec(_Strict):
+    # An agent session lives while it is used: each request through it renews the idle TTL.
+    ttl_s: float = Field(default=600.0, gt=0, description="idle seconds before a session expires")
+    max_sessions: int = Field(default=1024, gt=0, description="open sessions at once; more are refused with 429")
+
+    @field_validator("ttl_s", mode="before")
+    @classmethod
+    def _int_ok(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
@@ -83,6 +95,7 @@ class Profile(_Strict):
     interactivity_tiers: list[Tier] = Field(default_factory=list)
     default_tier: str | None = None
     agents: dict[str, str] = Field(default_factory=dict, description="agent id -> tier name")
+    sessions: SessionSpec = Field(default_factory=SessionSpec)
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:

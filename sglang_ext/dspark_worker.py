@@ -46,6 +46,7 @@ from sglang_ext.dspark.verify import verify_block
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.suffix_index import SessionIndexRegistry
 from sglang_ext.suffix_proposer import CopySurvival, HybridChoice, HybridDecision, pad_block
+from sglang_ext.tier_policy import TierPolicy, request_tags
 
 log = logging.getLogger("agentserve.dspark_worker")
 
@@ -86,6 +87,16 @@ def _profile_radix_drafting() -> bool:
         return True
 
 
+def _profile_session_ttl() -> float:
+    import json
+    import os
+
+    try:
+        return float(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("sessions", {}).get("ttl_s", 600.0))
+    except (ValueError, TypeError):
+        return 600.0
+
+
 @dataclass
 class StepStats:
     """What the last step did, for metrics and the console."""
@@ -99,6 +110,9 @@ class StepStats:
     verify_s: float = 0.0
     fallback: bool = False
     sources: list[str] = field(default_factory=list)  # "copy" | "model" | "none" per request
+    agents: list[str] = field(default_factory=list)  # agent label per request ("" untagged)
+    tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
+    emitted: list[int] = field(default_factory=list)  # tokens committed per request
 
 
 class AgentSparkWorker(BaseSpecWorker):
@@ -126,6 +140,10 @@ class AgentSparkWorker(BaseSpecWorker):
                          for regime in ("greedy", "sampled")}
         self._synced: set[str] = set()
         self._keys: dict[str, str] = {}
+        # Sessions (agent API): one index per session, dropped after the session's idle TTL.
+        self.session_ttl_s = _profile_session_ttl()
+        self._session_seen: dict[str, float] = {}
+        self.tier_policy = TierPolicy.from_env()
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -189,17 +207,33 @@ class AgentSparkWorker(BaseSpecWorker):
         for ch in self.choosers.values():
             ch.forget(rid)
         self._synced.discard(rid)
+        self.tier_policy.forget(rid)
         key = self._keys.pop(rid, None)
         if self.index is not None and key is not None and key.startswith("req:"):
             self.index.drop(key)
 
     def _index_key(self, req: Any) -> str:
-        # A session's requests share one index; a request without one indexes its own prompt,
-        # which for agents already holds the whole conversation so far.
-        sid = getattr(req, "session_id", None)
+        # A session's requests share one index (agent API session, else SGLang's session_id);
+        # a request without one indexes its own prompt, which for agents already holds the
+        # whole conversation so far.
+        sid = request_tags(req)[2] or getattr(req, "session_id", None)
         key = f"session:{sid}" if sid else f"req:{req.rid}"
         self._keys[req.rid] = key
+        if sid:
+            self._session_seen[key] = time.monotonic()
         return key
+
+    def _expire_sessions(self) -> None:
+        """Drop the draft index of sessions idle past the profile's sessions.ttl_s (the HTTP
+        side forgets the session id at the same age)."""
+        if self.index is None or not self._session_seen:
+            return
+        now = time.monotonic()
+        live = set(self._keys.values())
+        for key, seen in list(self._session_seen.items()):
+            if now - seen > self.session_ttl_s and key not in live:
+                self.index.drop(key)
+                del self._session_seen[key]
 
     def _copy_decisions(self, batch: ScheduleBatch, greedy: torch.Tensor) -> list[Optional[HybridDecision]]:
         """Per request: copy or model, decided before any block of this step is sampled."""
@@ -277,6 +311,9 @@ class AgentSparkWorker(BaseSpecWorker):
         for gone in self._prev_rids - set(rids):
             self._forget(gone)
         self._prev_rids = set(rids)
+        self._expire_sessions()
+        tags = [request_tags(r) for r in batch.reqs]
+        stats.agents, stats.tiers = [t[0] for t in tags], [t[1] for t in tags]
 
         anchors = torch.tensor([r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1] for r in batch.reqs],
                                dtype=torch.long, device=self.device)
@@ -321,8 +358,13 @@ class AgentSparkWorker(BaseSpecWorker):
                     conf[i] = 0
                 model_rows = []
                 q_probs = None
+        # Tiers: weights and caps from speeds so far (never from this step's drafts).
+        weight, cap = self.tier_policy.inputs(rids, stats.tiers, [len(r.output_ids) for r in batch.reqs])
+        if cap is not None:
+            max_len = torch.minimum(max_len, cap)
         t1 = time.perf_counter()
-        lens = schedule_algorithm1(SchedulerInput(conf, max_len=max_len), self.sps) if bs else torch.zeros(0, dtype=torch.long)
+        lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
+                else torch.zeros(0, dtype=torch.long))
         stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
         stats.sources = ["copy" if i in copy_rows else "model" if i in model_rows else "none" for i in range(bs)]
 
@@ -389,6 +431,7 @@ class AgentSparkWorker(BaseSpecWorker):
             except Exception as e:
                 self._drafter_failed(e)
         stats.accepted = num_correct.tolist()
+        stats.emitted = accept_lens.tolist()
         self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)

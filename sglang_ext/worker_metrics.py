@@ -33,6 +33,11 @@ def _metrics() -> dict[str, Any] | None:
             "accepted": Counter("agentserve:spec_accepted_drafts_total", "Drafts accepted, by position in the block", ["position"]),
             "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session index; model: DSpark drafter)", ["source"]),
             "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session index; model: DSpark drafter)", ["source"]),
+            # per agent (labels bounded by the HTTP middleware: top-N agents, then "other")
+            "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
+            "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),
+            "agent_accepted": Counter("agentserve:agent_spec_accepted_drafts_total", "Drafts accepted per agent and source", ["agent", "source"]),
+            "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
         log.warning("agentserve worker metrics disabled: %s", e)
@@ -64,6 +69,16 @@ def observe_step(stats: Any) -> None:
                 m["proposed"].labels(position=str(pos)).inc()
                 if pos <= acc:
                     m["accepted"].labels(position=str(pos)).inc()
+        agents = getattr(stats, "agents", None) or [""] * len(stats.verify_lens)
+        tiers = getattr(stats, "tiers", None) or [""] * len(stats.verify_lens)
+        emitted = getattr(stats, "emitted", None) or [a + 1 for a in stats.accepted]
+        for agent, tier, ell, acc, src, n in zip(agents, tiers, stats.verify_lens, stats.accepted, sources, emitted):
+            a = agent or "untagged"
+            m["agent_steps"].labels(agent=a).inc()
+            m["agent_tokens"].labels(agent=a).inc(n)
+            if acc and src in ("copy", "model"):
+                m["agent_accepted"].labels(agent=a, source=src).inc(acc)
+            m["tier_len"].labels(tier=tier or "none").observe(ell)
         m["phase"].labels(phase="draft").observe(stats.draft_s)
         m["phase"].labels(phase="schedule").observe(stats.schedule_s)
         m["phase"].labels(phase="verify").observe(stats.verify_s)

@@ -1,0 +1,148 @@
+"""Admission control per interactivity tier (HTTP process, in front of SGLang).
+
+A request of tier T starts when
+  (a) T has no `max_concurrency`, or fewer than that many of its requests are running; and
+  (b) no more important tier (smaller `priority`) with a target speed has running requests
+      while its recent attainment — the share of its requests finished in the last
+      `window_s` seconds (at most the last 16) whose per-user tok/s met the target — is below
+      `min_attainment` (0.95).
+Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
+waits, in (priority, arrival) order, until (a) and (b) hold, at most `queue_timeout_s`, then
+answers 503. Both errors name the tier and the reason, so a client knows what to back off on.
+Rule (b) is what keeps promises: when the top tier misses its target, lower tiers stop
+adding load instead of everyone slowing down; on a compute-bound server every extra
+request slows every running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+RECENT = 16
+
+
+@dataclass
+class TierState:
+    name: str
+    target: Optional[float]
+    priority: int
+    max_concurrency: Optional[int]
+    on_overload: str
+    queue_timeout_s: float
+    running: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"admitted": 0, "queued": 0, "rejected": 0, "timed_out": 0})
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))  # (t_end, tok/s)
+
+    def attainment(self, now: float, window_s: float) -> Optional[float]:
+        xs = [tps for t, tps in self.recent if now - t <= window_s]
+        if self.target is None or not xs:
+            return None
+        return sum(1 for x in xs if x >= self.target) / len(xs)
+
+
+class Overloaded(Exception):
+    def __init__(self, status: int, tier: str, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.status, self.tier, self.message, self.retry_after = status, tier, message, retry_after
+
+
+class TierGate:
+    def __init__(self, tiers: list[dict[str, Any]], window_s: float = 60.0, min_attainment: float = 0.95,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tiers = {t["name"]: TierState(t["name"], t.get("target_tokens_per_s"), int(t.get("priority", 0)),
+                                           t.get("max_concurrency"), t.get("on_overload", "queue"),
+                                           float(t.get("queue_timeout_s", 30.0))) for t in tiers}
+        self.window_s = window_s
+        self.min_attainment = min_attainment
+        self.clock = clock
+        self._waiters: list[tuple[int, int, str]] = []  # (priority, seq, tier)
+        self._seq = 0
+        self._cond: Optional[asyncio.Condition] = None
+
+    def blocked_by(self, tier: str) -> Optional[str]:
+        """Why a request of `tier` cannot start now (None: it can)."""
+        t = self.tiers[tier]
+        if t.max_concurrency is not None and t.running >= t.max_concurrency:
+            return f"tier '{tier}' has {t.running} running requests (max_concurrency {t.max_concurrency})"
+        now = self.clock()
+        for u in self.tiers.values():
+            if u.priority < t.priority and u.target is not None and u.running > 0:
+                att = u.attainment(now, self.window_s)
+                if att is not None and att < self.min_attainment:
+                    return (f"tier '{u.name}' is below its {u.target:g} tok/s target (attainment {att:.0%}); "
+                            f"tier '{tier}' waits for it")
+        return None
+
+    def _first_startable(self) -> Optional[tuple[int, int, str]]:
+        for w in sorted(self._waiters):
+            if self.blocked_by(w[2]) is None:
+                return w
+        return None
+
+    def _start(self, t: TierState) -> None:
+        t.running += 1
+        t.counts["admitted"] += 1
+
+    async def admit(self, tier: Optional[str]) -> bool:
+        """Return when the request may start (it then counts as running until release());
+        True if it had to wait in the queue."""
+        if tier is None or tier not in self.tiers:
+            return False
+        t = self.tiers[tier]
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            reason = self.blocked_by(tier)
+            ahead = any(p <= t.priority for p, _, _ in self._waiters)
+            if reason is None and not ahead:
+                self._start(t)
+                return False
+            if t.on_overload == "reject":
+                t.counts["rejected"] += 1
+                raise Overloaded(429, tier, f"x-agent-tier: {reason or 'earlier requests are queued'}; "
+                                 f"tier '{tier}' rejects on overload (on_overload: reject), retry later")
+            t.counts["queued"] += 1
+            self._seq += 1
+            me = (t.priority, self._seq, tier)
+            self._waiters.append(me)
+            deadline = time.monotonic() + t.queue_timeout_s  # real time, whatever clock ages attainment
+            try:
+                while self._first_startable() != me:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        t.counts["timed_out"] += 1
+                        raise Overloaded(503, tier, f"x-agent-tier: queued {t.queue_timeout_s:g} s (tier '{tier}' "
+                                         f"queue_timeout_s) without capacity: {self.blocked_by(tier) or 'others first'}",
+                                         retry_after=max(1, int(t.queue_timeout_s)))
+                    try:  # re-check on every release, and at least every second (attainment ages out)
+                        await asyncio.wait_for(self._cond.wait(), timeout=min(left, 1.0))
+                    except asyncio.TimeoutError:
+                        pass
+                self._start(t)
+                return True
+            finally:
+                self._waiters.remove(me)
+                self._cond.notify_all()
+
+    async def release(self, tier: Optional[str], tokens_per_s: Optional[float]) -> None:
+        if tier is None or tier not in self.tiers:
+            return
+        t = self.tiers[tier]
+        t.running -= 1
+        if tokens_per_s is not None:
+            t.recent.append((self.clock(), tokens_per_s))
+        if self._cond is not None:
+            async with self._cond:
+                self._cond.notify_all()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [{"name": t.name, "target_tokens_per_s": t.target, "priority": t.priority,
+                 "max_concurrency": t.max_concurrency, "on_overload": t.on_overload, "running": t.running,
+                 "queued_now": sum(1 for w in self._waiters if w[2] == t.name),
+                 "attainment": t.attainment(now, self.window_s), **t.counts}
+                for t in sorted(self.tiers.values(), key=lambda t: t.priority)]
