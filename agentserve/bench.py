@@ -46,6 +46,7 @@ class RequestResult:
     system: str
     domain: str
     concurrency: int
+    temperature: float
     completion_tokens: int
     e2e_s: float
     ttft_s: float
@@ -103,6 +104,39 @@ def _chat_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus samples of our worker (agentserve:*) as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "/metrics", timeout=60).text
+    out: dict[tuple[str, tuple], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name.startswith("agentserve:spec_") or smp.name.startswith("agentserve:verify_budget"):
+                out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def spec_delta(before: dict, after: dict) -> dict:
+    """Per-position conditional acceptance and verify budget of one workload, from counters."""
+    def d(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    positions = {}
+    for pos in range(1, 65):
+        reached = d("agentserve:spec_reached_drafts_total", position=str(pos))
+        if reached <= 0:
+            break
+        positions[pos] = {"reached": reached, "accepted": d("agentserve:spec_accepted_drafts_total", position=str(pos))}
+    steps = d("agentserve:verify_budget_tokens_count")
+    batch = d("agentserve:spec_batch_size_sum")
+    return {"positions": positions, "steps": steps,
+            "budget_per_step": d("agentserve:verify_budget_tokens_sum") / steps if steps else None,
+            "budget_per_request": d("agentserve:verify_budget_tokens_sum") / batch if batch else None,
+            "batch_per_step": batch / steps if steps else None}
+
+
 def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
     body = {"input_ids": ids, "sampling_params": {"temperature": temperature, "max_new_tokens": max_new}}
     r = requests.post(url + "/generate", json=body, timeout=1800)
@@ -111,42 +145,51 @@ def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
 
 
 def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int],
-                 max_new: int, temperature: float, log_dir: Path) -> tuple[list[RequestResult], float, int]:
+                 max_new: int, temperatures: list[float], log_dir: Path
+                 ) -> tuple[list[RequestResult], list[dict], float, int]:
     prof = base.model_copy(update={"drafter": SYSTEMS[name]})
     results: list[RequestResult] = []
+    spec: list[dict] = []
     with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:
         start = srv.start_seconds or 0.0
         run_one(srv.url, next(iter(prompts.values()))[0], 8, 0.0)  # warm-up
-        for conc in concurrencies:
-            for dom, plist in prompts.items():
-                jobs = (plist * ((conc + len(plist) - 1) // len(plist)))[: max(conc, len(plist))]
-                with cf.ThreadPoolExecutor(conc) as ex:
-                    metas = list(ex.map(lambda ids: run_one(srv.url, ids, max_new, temperature), jobs))
-                for m in metas:
-                    results.append(RequestResult(name, dom, conc, int(m["completion_tokens"]), float(m["e2e_latency"]),
-                                                 float(m.get("first_token_latency") or 0.0), m.get("spec_accept_length"),
-                                                 m.get("spec_verify_ct")))
-                print(f"  {name:11s} c={conc:<2d} {dom:6s} user tok/s {statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}",
-                      file=sys.stderr)
+        for temp in temperatures:
+            for conc in concurrencies:
+                for dom, plist in prompts.items():
+                    jobs = (plist * ((conc + len(plist) - 1) // len(plist)))[: max(conc, len(plist))]
+                    before = scrape(srv.url)
+                    with cf.ThreadPoolExecutor(conc) as ex:
+                        metas = list(ex.map(lambda ids: run_one(srv.url, ids, max_new, temp), jobs))
+                    spec.append({"system": name, "temperature": temp, "concurrency": conc, "domain": dom,
+                                 **spec_delta(before, scrape(srv.url))})
+                    for m in metas:
+                        results.append(RequestResult(name, dom, conc, temp, int(m["completion_tokens"]), float(m["e2e_latency"]),
+                                                     float(m.get("first_token_latency") or 0.0), m.get("spec_accept_length"),
+                                                     m.get("spec_verify_ct")))
+                    print(f"  {name:11s} T={temp:g} c={conc:<2d} {dom:6s} user tok/s "
+                          f"{statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}", file=sys.stderr)
         rss = srv.peak_rss_bytes()
-    return results, start, rss
+    return results, spec, start, rss
 
 
 def summarize(results: list[RequestResult]) -> list[dict]:
     rows = []
-    keys = sorted({(r.concurrency, r.domain) for r in results})
+    keys = sorted({(r.temperature, r.concurrency, r.domain) for r in results})
     systems = list(dict.fromkeys(r.system for r in results))
-    for conc, dom in keys:
-        base = [r.user_tps for r in results if r.system == "plain" and r.concurrency == conc and r.domain == dom]
+    for temp, conc, dom in keys:
+        def pick(s: str) -> list[RequestResult]:
+            return [r for r in results if r.system == s and r.temperature == temp and r.concurrency == conc and r.domain == dom]
+
+        base = [r.user_tps for r in pick("plain")]
         base_tps = statistics.mean(base) if base else None
         for s in systems:
-            rs = [r for r in results if r.system == s and r.concurrency == conc and r.domain == dom]
+            rs = pick(s)
             if not rs:
                 continue
             tps = statistics.mean(r.user_tps for r in rs)
             taus = [r.accept_length for r in rs if r.accept_length]
             total_tps = sum(r.completion_tokens for r in rs) / max(max(r.e2e_s for r in rs), 1e-9)
-            rows.append({"concurrency": conc, "domain": dom, "system": s, "user_tps": tps,
+            rows.append({"temperature": temp, "concurrency": conc, "domain": dom, "system": s, "user_tps": tps,
                          "ratio_vs_plain": tps / base_tps if base_tps else None,
                          "tau": statistics.mean(taus) if taus else 1.0, "total_tps": total_tps, "n": len(rs)})
     return rows
@@ -154,10 +197,11 @@ def summarize(results: list[RequestResult]) -> list[dict]:
 
 def print_table(rows: list[dict], machine: str) -> None:
     print(f"\nmachine: {machine}")
-    print(f"{'conc':>4} {'domain':7} {'system':12} {'user tok/s':>10} {'x plain':>8} {'tau':>6} {'total tok/s':>11}")
+    print(f"{'temp':>4} {'conc':>4} {'domain':7} {'system':12} {'user tok/s':>10} {'x plain':>8} {'tau':>6} {'total tok/s':>11}")
     for r in rows:
         ratio = f"{r['ratio_vs_plain']:.2f}" if r["ratio_vs_plain"] else "-"
-        print(f"{r['concurrency']:>4} {r['domain']:7} {r['system']:12} {r['user_tps']:>10.2f} {ratio:>8} {r['tau']:>6.2f} {r['total_tps']:>11.2f}")
+        print(f"{r['temperature']:>4g} {r['concurrency']:>4} {r['domain']:7} {r['system']:12} {r['user_tps']:>10.2f} {ratio:>8} "
+              f"{r['tau']:>6.2f} {r['total_tps']:>11.2f}")
 
 
 def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
@@ -167,6 +211,9 @@ def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    t0 = min(r["temperature"] for r in rows)  # headline figures: the first temperature
+    rows = [r for r in rows if r["temperature"] == t0]
+    machine = f"{machine}, T={t0:g}"
     systems = list(dict.fromkeys(r["system"] for r in rows))
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     for metric, label, fname in (("tau", "τ (tokens per verify step)", "tau_per_domain.png"),
@@ -205,14 +252,81 @@ def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
     return paths
 
 
+def plot_spec(spec: list[dict], out: Path, machine: str) -> list[Path]:
+    """Conditional acceptance per position (paper Figure 2 style) and verify budget vs
+    concurrency (Figure 8 style), from the worker's counters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = [s for s in spec if s["steps"]]
+    if not spec:
+        return []
+    paths = []
+    temps = sorted({s["temperature"] for s in spec})
+    systems = list(dict.fromkeys(s["system"] for s in spec))
+    conc = min(s["concurrency"] for s in spec)
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
+    for ax, temp in zip(axes[0], temps):
+        for sysname in systems:
+            for dom in dict.fromkeys(s["domain"] for s in spec):
+                rs = [s for s in spec if s["system"] == sysname and s["domain"] == dom and s["temperature"] == temp
+                      and s["concurrency"] == conc]
+                pos = sorted({k for s in rs for k in s["positions"]})
+                ys = []
+                for k in pos:
+                    reached = sum(s["positions"].get(k, {}).get("reached", 0) for s in rs)
+                    ys.append(sum(s["positions"].get(k, {}).get("accepted", 0) for s in rs) / reached if reached else None)
+                if pos:
+                    ax.plot(pos, ys, marker="o", label=f"{sysname} {dom}")
+        ax.set_xlabel("position k in the block")
+        ax.set_ylabel("P(accept k | accepted < k)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"conditional acceptance, c={conc}, T={temp:g} — {machine}", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    p = out / "acceptance_per_position.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sysname in systems:
+        for temp in temps:
+            concs = sorted({s["concurrency"] for s in spec if s["system"] == sysname and s["temperature"] == temp})
+            ys = []
+            for c in concs:
+                rs = [s for s in spec if s["system"] == sysname and s["temperature"] == temp and s["concurrency"] == c]
+                steps = sum(s["steps"] for s in rs)
+                ys.append(sum((s["budget_per_step"] or 0) * s["steps"] for s in rs) / steps if steps else 0)
+            ax.plot(concs, ys, marker="o", label=f"{sysname} T={temp:g}")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("draft tokens verified per step (all requests)")
+    ax.set_title(f"verify budget vs concurrency — {machine}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "verify_budget_vs_concurrency.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentserve bench", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--tiers" in argv:  # the tier load benchmark has its own workload and systems
+        from agentserve import bench_tiers
+
+        return bench_tiers.main([x for x in argv if x != "--tiers"])
+    ap = argparse.ArgumentParser(prog="agentserve bench", description=__doc__,
+                                 epilog="agentserve bench --tiers --help: interactivity tiers under rising load")
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile (model, server); its drafter is replaced per system")
     ap.add_argument("--systems", default="plain,ngram,dspark,hybrid", help=f"comma list from {sorted(SYSTEMS)}")
     ap.add_argument("--concurrency", default="1,8", help="comma list")
     ap.add_argument("--per-domain", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", default="0", help="comma list, e.g. 0,1 (each system runs every temperature)")
     ap.add_argument("--domains", default="code,math,chat,agent", help="comma list of code, math, chat, agent")
     ap.add_argument("--quick", action="store_true", help="3 prompts per domain, 48 tokens: under 10 minutes on a 2-core CPU")
     ap.add_argument("--out", default="bench_out")
@@ -224,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--systems: unknown {unknown}; choose from {sorted(SYSTEMS)}")
     concs = [int(c) for c in a.concurrency.split(",")]
+    try:
+        temps = [float(t) for t in str(a.temperature).split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--temperature: expected numbers separated by commas (got {a.temperature!r})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_profile(a.profile)
@@ -234,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores, {base.model.dtype}".strip()
     res = BenchResult(machine=machine, settings=vars(a))
     all_results: list[RequestResult] = []
+    all_spec: list[dict] = []
     for s in systems:
         print(f"system {s} ...", file=sys.stderr)
-        rs, start, rss = bench_system(s, base, prompts, concs, a.max_new_tokens, a.temperature, out)
+        rs, spec, start, rss = bench_system(s, base, prompts, concs, a.max_new_tokens, temps, out)
         all_results += rs
+        all_spec += spec
         res.start_seconds[s] = start
         res.rss_bytes[s] = rss
         print(f"  {s}: healthy after {start:.0f}s, resident memory {rss / 2**30:.2f} GiB", file=sys.stderr)
@@ -245,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(all_results)
     print_table(rows, machine)
     (out / "results.json").write_text(json.dumps({"machine": machine, "settings": vars(a), "summary": rows,
-                                                  "requests": res.requests, "start_seconds": res.start_seconds,
+                                                  "requests": res.requests, "spec": all_spec, "start_seconds": res.start_seconds,
                                                   "rss_bytes": res.rss_bytes}, indent=1))
-    for p in plot(rows, out, machine):
+    for p in plot(rows, out, machine) + plot_spec(all_spec, out, machine):
         print(f"wrote {p}", file=sys.stderr)
     return 0
 

@@ -40,6 +40,9 @@ class DrafterSpec(_Strict):
     path: str | None = Field(default=None, description="drafter checkpoint directory (agentspark)")
     num_draft_tokens: int = Field(default=8, ge=2, le=64, description="verify width: draft block + 1")
     radix_drafting: bool = True
+    # How verify lengths are chosen: "tier_aware" (Algorithm 1 with tier weights and caps),
+    # "throughput" (the paper's Algorithm 1 alone), "verify_all" (every draft, no scheduler).
+    scheduler: Literal["tier_aware", "throughput", "verify_all"] = "tier_aware"
 
     @model_validator(mode="after")
     def _needs_path(self) -> DrafterSpec:
@@ -96,6 +99,9 @@ class Profile(_Strict):
     default_tier: str | None = None
     agents: dict[str, str] = Field(default_factory=dict, description="agent id -> tier name")
     sessions: SessionSpec = Field(default_factory=SessionSpec)
+    # Tier admission (queue/reject when promised tiers cannot be met); off: tiers only label
+    # requests and weight the scheduler (benchmarks compare both).
+    admission_control: bool = True
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:

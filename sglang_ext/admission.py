@@ -52,7 +52,8 @@ class Overloaded(Exception):
 
 class TierGate:
     def __init__(self, tiers: list[dict[str, Any]], window_s: float = 60.0, min_attainment: float = 0.95,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, enabled: bool = True) -> None:
+        self.enabled = enabled  # off: count and time requests per tier, never hold one back
         self.tiers = {t["name"]: TierState(t["name"], t.get("target_tokens_per_s"), int(t.get("priority", 0)),
                                            t.get("max_concurrency"), t.get("on_overload", "queue"),
                                            float(t.get("queue_timeout_s", 30.0))) for t in tiers}
@@ -93,6 +94,9 @@ class TierGate:
         if tier is None or tier not in self.tiers:
             return False
         t = self.tiers[tier]
+        if not self.enabled:
+            self._start(t)
+            return False
         if self._cond is None:
             self._cond = asyncio.Condition()
         async with self._cond:

@@ -81,7 +81,7 @@ class AgentRegistry:
         self.default_tier: str | None = prof.get("default_tier")
         sess = prof.get("sessions") or {}
         self.sessions = SessionStore(ttl_s=sess.get("ttl_s", 600.0), max_sessions=sess.get("max_sessions", 1024))
-        self.gate = TierGate(list(self.tiers.values()))
+        self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)))
 
     def label(self, agent: str) -> str:
         with self.lock:

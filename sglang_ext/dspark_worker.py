@@ -87,6 +87,16 @@ def _profile_radix_drafting() -> bool:
         return True
 
 
+def _profile_scheduler() -> str:
+    import json
+    import os
+
+    try:
+        return str(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("drafter", {}).get("scheduler", "tier_aware"))
+    except ValueError:
+        return "tier_aware"
+
+
 def _profile_session_ttl() -> float:
     import json
     import os
@@ -144,6 +154,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self.session_ttl_s = _profile_session_ttl()
         self._session_seen: dict[str, float] = {}
         self.tier_policy = TierPolicy.from_env()
+        self.scheduler_mode = _profile_scheduler()
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -359,12 +370,17 @@ class AgentSparkWorker(BaseSpecWorker):
                 model_rows = []
                 q_probs = None
         # Tiers: weights and caps from speeds so far (never from this step's drafts).
-        weight, cap = self.tier_policy.inputs(rids, stats.tiers, [len(r.output_ids) for r in batch.reqs])
-        if cap is not None:
-            max_len = torch.minimum(max_len, cap)
+        weight = None
+        if self.scheduler_mode == "tier_aware":
+            weight, cap = self.tier_policy.inputs(rids, stats.tiers, [len(r.output_ids) for r in batch.reqs])
+            if cap is not None:
+                max_len = torch.minimum(max_len, cap)
         t1 = time.perf_counter()
-        lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
-                else torch.zeros(0, dtype=torch.long))
+        if self.scheduler_mode == "verify_all":  # baseline: every proposed draft, no scheduling
+            lens = max_len.clone()
+        else:
+            lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
+                    else torch.zeros(0, dtype=torch.long))
         stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
         stats.sources = ["copy" if i in copy_rows else "model" if i in model_rows else "none" for i in range(bs)]
 

@@ -31,6 +31,9 @@ def _metrics() -> dict[str, Any] | None:
                                buckets=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]),
             "proposed": Counter("agentserve:spec_verified_drafts_total", "Drafts verified, by position in the block", ["position"]),
             "accepted": Counter("agentserve:spec_accepted_drafts_total", "Drafts accepted, by position in the block", ["position"]),
+            # reached: verified with every earlier draft of the block accepted; accepted/reached
+            # is the conditional acceptance per position (paper Figure 2)
+            "reached": Counter("agentserve:spec_reached_drafts_total", "Drafts verified after all earlier drafts of the block were accepted", ["position"]),
             "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session index; model: DSpark drafter)", ["source"]),
             "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session index; model: DSpark drafter)", ["source"]),
             # per agent (labels bounded by the HTTP middleware: top-N agents, then "other")
@@ -67,6 +70,8 @@ def observe_step(stats: Any) -> None:
             m["req_len"].observe(ell)
             for pos in range(1, ell + 1):
                 m["proposed"].labels(position=str(pos)).inc()
+                if pos <= acc + 1:
+                    m["reached"].labels(position=str(pos)).inc()
                 if pos <= acc:
                     m["accepted"].labels(position=str(pos)).inc()
         agents = getattr(stats, "agents", None) or [""] * len(stats.verify_lens)

@@ -134,3 +134,55 @@ def test_broken_drafter_falls_back_to_plain(plain_server, broken_drafter_server)
     text = requests.get(broken_drafter_server.url + "/metrics", timeout=60).text
     line = next(l for l in text.splitlines() if l.startswith('agentserve:drafter_fallback_total{reason="load"}'))
     assert float(line.split()[-1]) >= 1
+
+
+WRITE_TOOL = {"type": "function", "function": {
+    "name": "write_file", "description": "Write text to a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                   "required": ["path", "content"]}}}
+NOTE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+        "def mul(a, b):\n    return a * b\n")
+
+
+def test_streamed_tool_call_deltas_equal_the_whole_call_under_multi_token_steps(agentspark_server) -> None:
+    """Each speculative step can emit several tokens; the streamed tool-call deltas, reassembled
+    by index, must equal the non-streamed call (a known bug class in engines' tool parsers)."""
+    import openai
+
+    agent = "stream-tester"
+    c = openai.OpenAI(base_url=agentspark_server.url + "/v1", api_key="x", max_retries=0, timeout=900,
+                      default_headers={"x-agent-id": agent})
+    msgs = [{"role": "system", "content": "You save files exactly as given."},
+            {"role": "user", "content": f"Save this file as math_ops.py, unchanged:\n{NOTE}"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {
+                "name": "write_file", "arguments": json.dumps({"path": "math_ops.py", "content": NOTE})}}]},
+            {"role": "tool", "tool_call_id": "call_0", "content": "error: disk busy, try again"},
+            {"role": "user", "content": "Try again with the same file."}]
+    kw = dict(model="default", messages=msgs, tools=[WRITE_TOOL], tool_choice="required", temperature=0, max_tokens=120)
+    whole = c.chat.completions.create(**kw)
+    calls = whole.choices[0].message.tool_calls
+    assert calls, whole.choices[0].message
+
+    args: dict[int, str] = collections.defaultdict(str)
+    names: dict[int, str] = {}
+    arg_chunks = 0
+    for ch in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if not ch.choices:
+            continue
+        for tc in ch.choices[0].delta.tool_calls or []:
+            if tc.function and tc.function.name:
+                names[tc.index] = tc.function.name
+            if tc.function and tc.function.arguments:
+                args[tc.index] += tc.function.arguments
+                arg_chunks += 1
+    assert [names[i] for i in sorted(names)] == [x.function.name for x in calls]
+    assert [json.loads(args[i]) for i in sorted(args)] == [json.loads(x.function.arguments) for x in calls]
+
+    # the steps really emitted several tokens at once (copied from the earlier, failed call)
+    text = requests.get(agentspark_server.url + "/metrics", timeout=60).text
+    val = {n: float(l.split()[-1]) for l in text.splitlines() for n in ("steps", "tokens")
+           if l.startswith(f'agentserve:agent_spec_{n}_total{{agent="{agent}"}}')}
+    assert val["tokens"] / val["steps"] > 1.5, val
+    row = next(a for a in requests.get(agentspark_server.url + "/agentserve/v1/agents", timeout=60).json()["agents"]
+               if a["agent_id"] == agent)
+    assert row["accept_length"] == pytest.approx(val["tokens"] / val["steps"]) and row["copy_share"] > 0

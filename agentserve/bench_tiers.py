@@ -1,0 +1,199 @@
+"""`agentserve bench --tiers`: interactivity tiers under rising load, four systems in one run.
+
+Systems (same model, prompts, tiers and load, started one after another):
+  plain       no speculation, tiers only label requests (no admission control)
+  verify_all  our worker (hybrid drafting), every draft verified, no admission control
+  throughput  our worker, the paper's Algorithm 1 alone, no admission control
+  tier_aware  our worker, Algorithm 1 with tier weights/caps + tier admission control
+Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
+round-robin from --mix) each send --requests agent-trace turns via /generate. Per tier:
+attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
+refused (429/503); per level: total tok/s and verify budget per request (worker counters).
+Ratios against plain at the same level are the headline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from agentserve.bench import REPO, SYSTEMS, agent_prompts, scrape, spec_delta
+from agentserve.procs import ServerProcess
+from agentserve.profile import Profile, Tier, load_profile
+
+TIER_SYSTEMS = {  # system -> (drafter system in bench.SYSTEMS, scheduler, admission control)
+    "plain": ("plain", "tier_aware", False),
+    "verify_all": ("hybrid", "verify_all", False),
+    "throughput": ("hybrid", "throughput", False),
+    "tier_aware": ("hybrid", "tier_aware", True),
+}
+
+
+def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
+    drafter_sys, sched, admission = TIER_SYSTEMS[system]
+    drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
+    return base.model_copy(update={"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
+                                   "admission_control": admission, "agents": {}})
+
+
+def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int) -> dict:
+    t0 = time.perf_counter()
+    r = requests.post(url + "/generate", headers={"x-agent-id": agent, "x-agent-tier": tier}, timeout=1800,
+                      json={"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new}})
+    wall = time.perf_counter() - t0
+    if r.status_code in (429, 503):
+        return {"tier": tier, "status": r.status_code, "tokens": 0, "user_tps": None, "wall": wall}
+    r.raise_for_status()
+    m = r.json()["meta_info"]
+    n, e2e, ttft = int(m["completion_tokens"]), float(m["e2e_latency"]), float(m.get("first_token_latency") or 0)
+    tps = (n - 1) / (e2e - ttft) if n > 1 and e2e > ttft else None
+    return {"tier": tier, "status": 200, "tokens": n, "user_tps": tps, "wall": wall, "tau": m.get("spec_accept_length")}
+
+
+def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int) -> tuple[list[dict], float]:
+    def client(k: int) -> list[dict]:
+        tier = mix[k % len(mix)]
+        out = []
+        for j in range(per_client):
+            ids = prompts[(k * per_client + j) % len(prompts)]
+            out.append(one_request(url, f"client-{k}", tier, ids, max_new))
+            if out[-1]["status"] != 200:
+                time.sleep(1.0)  # back off as a client told Retry-After would
+        return out
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(conc) as ex:
+        res = [r for rs in ex.map(client, range(conc)) for r in rs]
+    return res, time.perf_counter() - t0
+
+
+def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier]) -> dict:
+    row = {"system": system, "concurrency": conc, "total_tps": sum(r["tokens"] for r in res) / wall,
+           "budget_per_request": spec.get("budget_per_request"), "tiers": {}}
+    for t in tiers:
+        rs = [r for r in res if r["tier"] == t.name]
+        done = [r for r in rs if r["status"] == 200 and r["user_tps"] is not None]
+        att = (sum(1 for r in done if r["user_tps"] >= t.target_tokens_per_s) / len(done)
+               if t.target_tokens_per_s and done else None)
+        row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
+                                "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agentserve bench --tiers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-dspark.yaml"))
+    ap.add_argument("--systems", default=",".join(TIER_SYSTEMS))
+    ap.add_argument("--concurrency", default="2,4,8")
+    ap.add_argument("--targets", default="interactive=8,standard=4,batch=0", help="tier=tok/s in priority order; 0 = best effort")
+    ap.add_argument("--mix", default="interactive,standard,batch,standard", help="tiers of clients 0,1,2,.. round-robin")
+    ap.add_argument("--requests", type=int, default=3, help="requests per client per level")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--quick", action="store_true", help="levels 2,6 and 2 requests per client")
+    ap.add_argument("--out", default="bench_out/tiers")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.concurrency, a.requests = "2,6", 2
+    systems = [s for s in a.systems.split(",") if s]
+    bad = [s for s in systems if s not in TIER_SYSTEMS]
+    if bad:
+        ap.error(f"--systems: unknown {bad}; choose from {list(TIER_SYSTEMS)}")
+    tiers = []
+    for prio, item in enumerate(a.targets.split(",")):
+        name, _, val = item.partition("=")
+        try:
+            target = float(val)
+        except ValueError:
+            ap.error(f"--targets: '{item}' is not tier=tok/s")
+        tiers.append(Tier(name=name, target_tokens_per_s=target or None, priority=prio, on_overload="queue",
+                          queue_timeout_s=60.0))
+    mix = a.mix.split(",")
+    if set(mix) - {t.name for t in tiers}:
+        ap.error(f"--mix: tiers {sorted(set(mix) - {t.name for t in tiers})} are not in --targets")
+    concs = [int(c) for c in a.concurrency.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_profile(a.profile)
+    from transformers import AutoTokenizer
+
+    prompts = agent_prompts(12, AutoTokenizer.from_pretrained(base.model.path))
+    machine = f"{platform.machine()} {__import__('os').cpu_count()} cores, {base.model.dtype}"
+    rows = []
+    for s in systems:
+        print(f"system {s} ...", file=sys.stderr)
+        with ServerProcess(tier_profile(base, s, tiers), log_path=out / f"bench-tiers-{s}.log") as srv:
+            one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
+            for c in concs:
+                before = scrape(srv.url)
+                res, wall = run_level(srv.url, c, mix, prompts, a.requests, a.max_new_tokens)
+                rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers))
+                print(f"  {s:11s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
+                      + " ".join(f"{k}:{v['attainment'] if v['attainment'] is None else round(v['attainment'], 2)}"
+                                 for k, v in rows[-1]["tiers"].items()), file=sys.stderr)
+    print_table(rows, tiers, machine)
+    (out / "tiers.json").write_text(json.dumps({"machine": machine, "settings": vars(a), "rows": rows}, indent=1))
+    for p in plot(rows, tiers, out, machine):
+        print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
+    print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
+    head = f"{'conc':>4} {'system':11} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
+    for t in tiers:
+        head += f" | {t.name[:11]:>11} att  tok/s ref"
+    print(head)
+    plain = {r["concurrency"]: r["total_tps"] for r in rows if r["system"] == "plain"}
+    for r in sorted(rows, key=lambda r: (r["concurrency"], list(TIER_SYSTEMS).index(r["system"]))):
+        ratio = r["total_tps"] / plain[r["concurrency"]] if plain.get(r["concurrency"]) else None
+        line = (f"{r['concurrency']:>4} {r['system']:11} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
+                f"{(r['budget_per_request'] or 0):>10.2f}")
+        for t in tiers:
+            v = r["tiers"][t.name]
+            att = "  - " if v["attainment"] is None else f"{v['attainment']:4.0%}"
+            tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
+            line += f" | {'':>11} {att} {tps} {v['refused']:>3}"
+        print(line)
+
+
+def plot(rows: list[dict], tiers: list[Tier], out: Path, machine: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    top = tiers[0].name
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for s in systems:
+        rs = sorted((r for r in rows if r["system"] == s), key=lambda r: r["concurrency"])
+        cs = [r["concurrency"] for r in rs]
+        axes[0].plot([r["tiers"][top]["user_tps"] or 0 for r in rs], [r["total_tps"] for r in rs], marker="o", label=s)
+        axes[1].plot(cs, [r["tiers"][top]["attainment"] or 0 for r in rs], marker="o", label=s)
+        axes[2].plot(cs, [r["budget_per_request"] or 0 for r in rs], marker="o", label=s)
+    axes[0].set(xlabel=f"per-user tok/s of '{top}'", ylabel="total tok/s", title="throughput vs per-user speed")
+    axes[1].set(xlabel="concurrency", ylabel=f"'{top}' attainment", ylim=(0, 1.05), title="top-tier attainment")
+    axes[2].set(xlabel="concurrency", ylabel="draft tokens verified per request per step", title="verify budget")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"interactivity tiers under load — {machine}", fontsize=9)
+    fig.tight_layout()
+    p = out / "tiers.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

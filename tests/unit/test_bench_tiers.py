@@ -1,0 +1,54 @@
+"""The tier benchmark's systems and its per-tier summary, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentserve.bench import spec_delta
+from agentserve.bench_tiers import TIER_SYSTEMS, summarize, tier_profile
+from agentserve.launcher import build_plan
+from agentserve.profile import Tier, load_profile
+
+REPO = Path(__file__).resolve().parents[2]
+TIERS = [Tier(name="interactive", target_tokens_per_s=8.0, priority=0), Tier(name="standard", target_tokens_per_s=4.0, priority=1),
+         Tier(name="batch", priority=2)]
+
+
+@pytest.mark.parametrize("system", list(TIER_SYSTEMS))
+def test_each_system_is_a_valid_profile(system: str) -> None:
+    prof = tier_profile(load_profile(REPO / "profiles" / "cpu-dspark.yaml"), system, TIERS)
+    assert prof.default_tier == "batch" and prof.admission_control == (system == "tier_aware")
+    assert (prof.drafter.algorithm == "none") == (system == "plain")
+    if system != "plain":
+        assert prof.drafter.scheduler == {"verify_all": "verify_all", "throughput": "throughput", "tier_aware": "tier_aware"}[system]
+    assert build_plan(prof).argv  # the launcher accepts it
+
+
+def test_summary_counts_attainment_and_refusals() -> None:
+    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0},
+           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0},
+           {"tier": "standard", "status": 429, "tokens": 0, "user_tps": None},
+           {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0}]
+    row = summarize("tier_aware", 4, res, 10.0, {"budget_per_request": 2.5}, TIERS)
+    assert row["total_tps"] == 10.0 and row["budget_per_request"] == 2.5
+    assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0}
+    assert row["tiers"]["standard"]["refused"] == 1 and row["tiers"]["standard"]["attainment"] is None
+    assert row["tiers"]["batch"]["attainment"] is None and row["tiers"]["batch"]["user_tps"] == 1.0
+
+
+def test_spec_delta_conditional_acceptance() -> None:
+    def key(name: str, **labels: str) -> tuple:
+        return (name, tuple(sorted(labels.items())))
+
+    before = {key("agentserve:spec_reached_drafts_total", position="1"): 10.0}
+    after = {key("agentserve:spec_reached_drafts_total", position="1"): 30.0,
+             key("agentserve:spec_accepted_drafts_total", position="1"): 15.0,
+             key("agentserve:spec_reached_drafts_total", position="2"): 12.0,
+             key("agentserve:spec_accepted_drafts_total", position="2"): 6.0,
+             key("agentserve:verify_budget_tokens_count"): 10.0, key("agentserve:verify_budget_tokens_sum"): 40.0,
+             key("agentserve:spec_batch_size_sum"): 20.0}
+    d = spec_delta(before, after)
+    assert d["positions"] == {1: {"reached": 20.0, "accepted": 15.0}, 2: {"reached": 12.0, "accepted": 6.0}}
+    assert d["budget_per_step"] == 4.0 and d["budget_per_request"] == 2.0 and d["batch_per_step"] == 2.0
