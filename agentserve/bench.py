@@ -328,11 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", default="0", help="comma list, e.g. 0,1 (each system runs every temperature)")
     ap.add_argument("--domains", default="code,math,chat,agent", help="comma list of code, math, chat, agent")
-    ap.add_argument("--quick", action="store_true", help="3 prompts per domain, 48 tokens: under 10 minutes on a 2-core CPU")
+    ap.add_argument("--quick", action="store_true", help="2 prompts per domain, 32 tokens, concurrency 1,4 unless given")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args(argv)
     if a.quick:
-        a.per_domain, a.max_new_tokens = 3, 48
+        a.per_domain, a.max_new_tokens = 2, 32
+        if "--concurrency" not in argv:
+            a.concurrency = "1,4"
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:

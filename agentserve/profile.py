@@ -98,6 +98,8 @@ class Profile(_Strict):
     interactivity_tiers: list[Tier] = Field(default_factory=list)
     default_tier: str | None = None
     agents: dict[str, str] = Field(default_factory=dict, description="agent id -> tier name")
+    # true: only the agent ids listed in `agents` may generate (others get 403 naming x-agent-id)
+    require_known_agents: bool = False
     sessions: SessionSpec = Field(default_factory=SessionSpec)
     # Tier admission (queue/reject when promised tiers cannot be met); off: tiers only label
     # requests and weight the scheduler (benchmarks compare both).

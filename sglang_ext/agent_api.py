@@ -79,6 +79,7 @@ class AgentRegistry:
         self.tiers = {t["name"]: t for t in prof.get("interactivity_tiers", [])}
         self.agent_tiers: dict[str, str] = prof.get("agents", {}) or {}
         self.default_tier: str | None = prof.get("default_tier")
+        self.require_known = bool(prof.get("require_known_agents", False))
         sess = prof.get("sessions") or {}
         self.sessions = SessionStore(ttl_s=sess.get("ttl_s", 600.0), max_sessions=sess.get("max_sessions", 1024))
         self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)))
@@ -271,6 +272,9 @@ class AgentMiddleware:
             param = "x-agent-id" if "x-agent-id" in headers else "user"
             return await self._reply(send, 400, _error(400, param, f"{param}: an agent id must be 1-128 characters of "
                                                        "letters, digits and _.:@/-"))
+        if self.registry.require_known and agent not in self.registry.agent_tiers:
+            return await self._reply(send, 403, _error(403, "x-agent-id", f"x-agent-id: unknown agent '{agent}' (this "
+                                                       "server only serves the agents listed in its profile)"))
         tier, err = self.registry.resolve_tier(agent, headers.get("x-agent-tier"))
         if err:
             return await self._reply(send, 400, _error(400, "x-agent-tier", err))

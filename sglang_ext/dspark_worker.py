@@ -43,6 +43,7 @@ from sglang_ext.dspark.drafter import DraftContext, DSparkDrafter
 from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_from_probs
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.dspark.verify import verify_block
+from sglang_ext.draft_gate import DraftGate
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.suffix_index import SessionIndexRegistry
 from sglang_ext.suffix_proposer import CopySurvival, HybridChoice, HybridDecision, pad_block
@@ -155,6 +156,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self._session_seen: dict[str, float] = {}
         self.tier_policy = TierPolicy.from_env()
         self.scheduler_mode = _profile_scheduler()
+        self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -219,6 +221,7 @@ class AgentSparkWorker(BaseSpecWorker):
             ch.forget(rid)
         self._synced.discard(rid)
         self.tier_policy.forget(rid)
+        self.gate.forget(rid)
         key = self._keys.pop(rid, None)
         if self.index is not None and key is not None and key.startswith("req:"):
             self.index.drop(key)
@@ -336,7 +339,8 @@ class AgentSparkWorker(BaseSpecWorker):
         g = self.copy_block
         decisions = self._copy_decisions(batch, sampling.is_greedy)
         copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
-        model_rows = [i for i in range(bs) if i not in copy_rows] if self.drafter is not None and self.block > 0 else []
+        model_rows = ([i for i in range(bs) if i not in copy_rows and self.gate.pays(rids[i], self.block + 1)]
+                      if self.drafter is not None and self.block > 0 else [])
         drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
         conf = torch.zeros(bs, g, dtype=torch.float32, device=self.device)
         max_len = torch.zeros(bs, dtype=torch.long)
@@ -425,6 +429,7 @@ class AgentSparkWorker(BaseSpecWorker):
             emitted = [[int(t)] for t in nxt.tolist()]
         stats.verify_s = time.perf_counter() - t0
         self.sps.observe(bs * width, stats.verify_s)
+        self.gate.observe_times(width, bs, stats.verify_s, len(model_rows), stats.draft_s)
 
         accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
         # Rows padded to the maximum width: SGLang's relay buffers keep one shape across steps.
@@ -448,6 +453,8 @@ class AgentSparkWorker(BaseSpecWorker):
                 self._drafter_failed(e)
         stats.accepted = num_correct.tolist()
         stats.emitted = accept_lens.tolist()
+        for i in model_rows:
+            self.gate.observe_model(rids[i], stats.accepted[i])
         self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)
