@@ -34,7 +34,8 @@ class DraftGate:
         self._acc: dict[Hashable, float] = {}
         self._skipped: dict[Hashable, int] = {}
         self.t_one: float | None = None  # seconds of a verify step of width 1, per request
-        self.t_wide: dict[int, float] = {}  # width -> seconds per request of a verify step
+        self.t_wide: float | None = None  # seconds per request of a wider verify step
+        self.w_wide: float | None = None  # the mean width of those steps
         self.t_draft: float | None = None  # seconds of a drafter call, per drafted request
 
     # ---- measurements (after each step)
@@ -48,7 +49,8 @@ class DraftGate:
         if width == 1:
             self.t_one = self._mix(self.t_one, per)
         else:
-            self.t_wide[width] = self._mix(self.t_wide.get(width), per)
+            self.t_wide = self._mix(self.t_wide, per)
+            self.w_wide = self._mix(self.w_wide, float(width))
         if drafted_rows > 0:
             self.t_draft = self._mix(self.t_draft, draft_s / drafted_rows)
 
@@ -66,12 +68,12 @@ class DraftGate:
     def expected(self, rid: Hashable) -> float:
         return self._acc.get(rid, self.global_acc)
 
-    def pays(self, rid: Hashable, width: int) -> bool:
-        """Should request rid get a model draft this step (verified at up to `width`)?"""
-        wide = self.t_wide.get(width)
-        if self.t_draft is None or wide is None:
+    def pays(self, rid: Hashable) -> bool:
+        """Should request rid get a model draft this step?"""
+        wide = self.t_wide
+        if self.t_draft is None or wide is None or self.w_wide is None:
             return True  # no measurements yet: draft, which measures
-        t_one = self.t_one if self.t_one is not None else wide / (1 + self.prior_slope * (width - 1))
+        t_one = self.t_one if self.t_one is not None else wide / (1 + self.prior_slope * (self.w_wide - 1))
         cost = self.t_draft + max(0.0, wide - t_one)
         if self.expected(rid) * t_one >= cost:
             self._skipped.pop(rid, None)

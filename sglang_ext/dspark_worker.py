@@ -339,7 +339,7 @@ class AgentSparkWorker(BaseSpecWorker):
         g = self.copy_block
         decisions = self._copy_decisions(batch, sampling.is_greedy)
         copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
-        model_rows = ([i for i in range(bs) if i not in copy_rows and self.gate.pays(rids[i], self.block + 1)]
+        model_rows = ([i for i in range(bs) if i not in copy_rows and self.gate.pays(rids[i])]
                       if self.drafter is not None and self.block > 0 else [])
         drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
         conf = torch.zeros(bs, g, dtype=torch.float32, device=self.device)

@@ -13,22 +13,22 @@ def _measured(gate: DraftGate, draft_s: float) -> None:
 
 def test_drafts_until_measured_then_follows_cost_and_acceptance() -> None:
     gate = DraftGate(prior_accepted=1.0, ema=1.0)
-    assert gate.pays("r", 8)  # nothing measured: draft (and measure)
+    assert gate.pays("r")  # nothing measured: draft (and measure)
     _measured(gate, draft_s=0.05)
     # cost = 0.05 draft + (0.10 - 0.05) wider verify = 0.10 s; one accepted token saves 0.05 s
     gate.observe_model("r", 1)
-    assert not gate.pays("r", 8)
+    assert not gate.pays("r")
     gate.observe_model("good", 3)  # 3 * 0.05 = 0.15 s saved > 0.10 s cost
-    assert gate.pays("good", 8)
+    assert gate.pays("good")
 
 
 def test_skipped_request_is_probed_every_n_steps() -> None:
     gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=4)
     _measured(gate, draft_s=0.05)
-    decisions = [gate.pays("chat", 8) for _ in range(12)]
+    decisions = [gate.pays("chat") for _ in range(12)]
     assert decisions == [False, False, False, True] * 3
     gate.observe_model("chat", 5)  # the probe found a copyable stretch: draft again
-    assert gate.pays("chat", 8)
+    assert gate.pays("chat")
     gate.forget("chat")
     assert gate.expected("chat") == gate.global_acc
 
@@ -37,4 +37,5 @@ def test_unmeasured_width_one_uses_the_prior_cost_shape() -> None:
     gate = DraftGate(prior_accepted=2.0, ema=1.0, prior_slope=1 / 7)
     gate.observe_times(width=8, rows=2, verify_s=0.2, drafted_rows=2, draft_s=0.02)
     # t(8) = 0.1 per request -> t(1) = 0.05 by the prior; cost 0.01 + 0.05 = 0.06 < 2 * 0.05
-    assert gate.t_one is None and gate.pays("r", 8)
+    assert gate.w_wide == 8.0
+    assert gate.t_one is None and gate.pays("r")
