@@ -339,8 +339,11 @@ class AgentSparkWorker(BaseSpecWorker):
         g = self.copy_block
         decisions = self._copy_decisions(batch, sampling.is_greedy)
         copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
-        model_rows = ([i for i in range(bs) if i not in copy_rows and self.gate.pays(rids[i])]
+        gated = self.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
+        model_rows = ([i for i in range(bs) if i not in copy_rows and (not gated or self.gate.pays(rids[i]))]
                       if self.drafter is not None and self.block > 0 else [])
+        if gated and (copy_rows or model_rows) and not self._step_pays(decisions, copy_rows, model_rows, rids, bs):
+            copy_rows, model_rows = [], []  # this step decodes plainly (decided before any drafting)
         drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
         conf = torch.zeros(bs, g, dtype=torch.float32, device=self.device)
         max_len = torch.zeros(bs, dtype=torch.long)
@@ -470,6 +473,26 @@ class AgentSparkWorker(BaseSpecWorker):
                                               accept_tokens=flat, accept_lens=accept_lens),
             speculative_num_draft_tokens=self.max_width,
         )
+
+    def _step_pays(self, decisions: list[Optional[HybridDecision]], copy_rows: list[int], model_rows: list[int],
+                   rids: list[str], bs: int) -> bool:
+        """Batch-level cost check before drafting. Every row of a verify step is padded to the
+        widest row, so one speculating row makes the whole batch verify W positions: speculate
+        only if the expected tokens per second beat a plain step's. Uses pre-sampling
+        information only (copy confidences are deterministic given the context; the model's
+        expectation is its past acceptance), so it keeps verification lossless."""
+        gain, width = 0.0, 1
+        for i in copy_rows:
+            d = decisions[i]
+            assert d is not None
+            gain += d.expected_copy
+            width = max(width, 1 + len(d.tokens))
+        for i in model_rows:
+            gain += self.gate.expected(rids[i])
+            width = max(width, 1 + self.block)
+        t_plain = 1.0 / self.sps(bs)
+        t_spec = 1.0 / self.sps(bs * width) + (self.gate.t_draft or 0.0) * len(model_rows)
+        return (bs + gain) / t_spec > bs / t_plain
 
     def _learn(self, batch: ScheduleBatch, decisions: list[Optional[HybridDecision]], stats: StepStats,
                emitted: list[list[int]], conf: torch.Tensor, greedy: torch.Tensor) -> None:
