@@ -6,7 +6,7 @@ Systems (same model, prompts, tiers and load, started one after another):
   throughput  our worker, the paper's Algorithm 1 alone, no admission control
   tier_aware  our worker, Algorithm 1 with tier weights/caps + tier admission control
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
-round-robin from --mix) each send --requests agent-trace turns via /generate. Per tier:
+round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
 refused (429/503); per level: total tok/s and verify budget per request (worker counters).
 Ratios against plain at the same level are the headline.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from agentserve.bench import REPO, SYSTEMS, agent_prompts, scrape, spec_delta
+from agentserve.bench import REPO, SYSTEMS, load_prompts, scrape, spec_delta
 from agentserve.procs import ServerProcess
 from agentserve.profile import Profile, Tier, load_profile
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix", default="interactive,standard,batch,standard", help="tiers of clients 0,1,2,.. round-robin")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--domain", default="code", choices=["code", "math", "chat", "agent"],
+                    help="prompt set (agent traces are 1-3.5k tokens: slow to prefill on a CPU)")
     ap.add_argument("--quick", action="store_true", help="levels 1,4 and 1 request per client")
     ap.add_argument("--out", default="bench_out/tiers")
     a = ap.parse_args(argv)
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     base = load_profile(a.profile)
     from transformers import AutoTokenizer
 
-    prompts = agent_prompts(12, AutoTokenizer.from_pretrained(base.model.path))
+    prompts = load_prompts(8, AutoTokenizer.from_pretrained(base.model.path)).get(a.domain) or []
+    if not prompts:
+        ap.error(f"--domain: no prompts found for '{a.domain}'")
     machine = f"{platform.machine()} {__import__('os').cpu_count()} cores, {base.model.dtype}"
     rows = []
     for s in systems:

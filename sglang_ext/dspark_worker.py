@@ -108,6 +108,14 @@ def _profile_session_ttl() -> float:
         return 600.0
 
 
+def _prefix_products(conf: list[float]) -> list[float]:
+    out, a = [], 1.0
+    for c in conf:
+        a *= float(c)
+        out.append(a)
+    return out
+
+
 @dataclass
 class StepStats:
     """What the last step did, for metrics and the console."""
@@ -481,18 +489,30 @@ class AgentSparkWorker(BaseSpecWorker):
         only if the expected tokens per second beat a plain step's. Uses pre-sampling
         information only (copy confidences are deterministic given the context; the model's
         expectation is its past acceptance), so it keeps verification lossless."""
+        t1 = 1.0 / self.sps(bs)
         gain, width = 0.0, 1
         for i in copy_rows:
             d = decisions[i]
             assert d is not None
-            gain += d.expected_copy
-            width = max(width, 1 + len(d.tokens))
+            # the row's own best verify length under a padded batch cost (deterministic inputs)
+            best, best_len, acc, a = (bs + gain) * self.sps(bs * width), 0, 0.0, 1.0
+            for j, c in enumerate(d.confidences, start=1):
+                a *= c
+                acc += a
+                rate = (bs + gain + acc) * self.sps(bs * max(width, 1 + j))
+                if rate > best:
+                    best, best_len = rate, j
+            if best_len:
+                gain += sum(float(x) for x in _prefix_products(d.confidences[:best_len]))
+                width = max(width, 1 + best_len)
         for i in model_rows:
-            gain += self.gate.expected(rids[i])
-            width = max(width, 1 + self.block)
-        t_plain = 1.0 / self.sps(bs)
+            e = self.gate.expected(rids[i])
+            gain += e
+            width = max(width, 1 + min(self.block, int(e) + 1))
+        if width == 1:
+            return False
         t_spec = 1.0 / self.sps(bs * width) + (self.gate.t_draft or 0.0) * len(model_rows)
-        return (bs + gain) / t_spec > bs / t_plain
+        return (bs + gain) / t_spec > bs / t1
 
     def _learn(self, batch: ScheduleBatch, decisions: list[Optional[HybridDecision]], stats: StepStats,
                emitted: list[list[int]], conf: torch.Tensor, greedy: torch.Tensor) -> None:
