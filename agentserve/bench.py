@@ -204,6 +204,16 @@ def print_table(rows: list[dict], machine: str) -> None:
               f"{r['tau']:>6.2f} {r['total_tps']:>11.2f}")
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
     import matplotlib
 
@@ -228,11 +238,7 @@ def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
         ax.set_ylabel(label)
         ax.set_title(f"{label}, concurrency {conc} — {machine}", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out / fname))
     # throughput vs per-user speed frontier (paper Figure 7 style)
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in systems:
@@ -244,11 +250,7 @@ def plot(rows: list[dict], out: Path, machine: str) -> list[Path]:
     ax.set_ylabel("total tok/s")
     ax.set_title(f"throughput vs per-user speed — {machine}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    p = out / "frontier.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "frontier.png"))
     return paths
 
 
@@ -285,11 +287,7 @@ def plot_spec(spec: list[dict], out: Path, machine: str) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.set_title(f"conditional acceptance, c={conc}, T={temp:g} — {machine}", fontsize=8)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    p = out / "acceptance_per_position.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "acceptance_per_position.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sysname in systems:
@@ -305,12 +303,19 @@ def plot_spec(spec: list[dict], out: Path, machine: str) -> list[Path]:
     ax.set_ylabel("draft tokens verified per step (all requests)")
     ax.set_title(f"verify budget vs concurrency — {machine}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "verify_budget_vs_concurrency.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "verify_budget_vs_concurrency.png"))
     return paths
+
+
+def parse_list(ap: argparse.ArgumentParser, flag: str, value: str, kind: type) -> list:
+    """A comma list flag, or a usage error naming the flag (never a traceback)."""
+    try:
+        out = [kind(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or (kind is int and min(out) < 1):
+        ap.error(f"{flag}: expected {'positive integers' if kind is int else 'numbers'} separated by commas (got {value!r})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,11 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         ap.error(f"--systems: unknown {unknown}; choose from {sorted(SYSTEMS)}")
-    concs = [int(c) for c in a.concurrency.split(",")]
-    try:
-        temps = [float(t) for t in str(a.temperature).split(",") if t.strip()]
-    except ValueError:
-        ap.error(f"--temperature: expected numbers separated by commas (got {a.temperature!r})")
+    concs = parse_list(ap, "--concurrency", a.concurrency, int)
+    temps = parse_list(ap, "--temperature", str(a.temperature), float)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_profile(a.profile)

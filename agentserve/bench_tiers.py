@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from agentserve.bench import REPO, SYSTEMS, load_prompts, scrape, spec_delta
+from agentserve.bench import REPO, SYSTEMS, load_prompts, parse_list, save_figure, scrape, spec_delta
 from agentserve.procs import ServerProcess
 from agentserve.profile import Profile, Tier, load_profile
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = a.mix.split(",")
     if set(mix) - {t.name for t in tiers}:
         ap.error(f"--mix: tiers {sorted(set(mix) - {t.name for t in tiers})} are not in --targets")
-    concs = [int(c) for c in a.concurrency.split(",")]
+    concs = parse_list(ap, "--concurrency", a.concurrency, int)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_profile(a.profile)
@@ -191,11 +191,7 @@ def plot(rows: list[dict], tiers: list[Tier], out: Path, machine: str) -> list[P
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(f"interactivity tiers under load — {machine}", fontsize=9)
-    fig.tight_layout()
-    p = out / "tiers.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / "tiers.png"))
     return paths
 
 

@@ -52,18 +52,17 @@ from sglang_ext.tier_policy import TierPolicy, request_tags
 log = logging.getLogger("agentserve.dspark_worker")
 
 
-def _profile_drafter_path() -> Optional[str]:
-    """The launcher passes the resolved profile to every SGLang process in the environment."""
+def _profile() -> dict[str, Any]:
+    """The launcher passes the resolved profile to every SGLang process in the environment
+    (AGENTSERVE_PROFILE_JSON); a missing or unreadable one means defaults."""
     import json
     import os
 
-    raw = os.environ.get("AGENTSERVE_PROFILE_JSON")
-    if not raw:
-        return None
     try:
-        return json.loads(raw).get("drafter", {}).get("path")
+        prof = json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON") or "{}")
     except ValueError:
-        return None
+        return {}
+    return prof if isinstance(prof, dict) else {}
 
 
 def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
@@ -76,36 +75,6 @@ def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
         req = batch.reqs[0]
         n = batch.extend_lens[0]
         torch.save({"input_ids": list(req.origin_input_ids)[:n], "features": hs[:n].float().cpu()}, path)
-
-
-def _profile_radix_drafting() -> bool:
-    import json
-    import os
-
-    try:
-        return bool(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("drafter", {}).get("radix_drafting", True))
-    except ValueError:
-        return True
-
-
-def _profile_scheduler() -> str:
-    import json
-    import os
-
-    try:
-        return str(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("drafter", {}).get("scheduler", "tier_aware"))
-    except ValueError:
-        return "tier_aware"
-
-
-def _profile_session_ttl() -> float:
-    import json
-    import os
-
-    try:
-        return float(json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}")).get("sessions", {}).get("ttl_s", 600.0))
-    except (ValueError, TypeError):
-        return 600.0
 
 
 def _prefix_products(conf: list[float]) -> list[float]:
@@ -150,9 +119,11 @@ class AgentSparkWorker(BaseSpecWorker):
         self.drafter: Optional[DSparkDrafter] = None
         self.drafter_error: Optional[str] = None
         self.sps = OnlineSPS.for_model(str(server_args.model_path))
-        self._load_drafter(_profile_drafter_path() or get_spec().speculative_draft_model_path)
+        prof = _profile()
+        drafter_prof, session_prof = prof.get("drafter") or {}, prof.get("sessions") or {}
+        self._load_drafter(drafter_prof.get("path") or get_spec().speculative_draft_model_path)
         # Radix/session-aware drafting: copied continuations from what the session already holds.
-        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if _profile_radix_drafting() else None
+        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if drafter_prof.get("radix_drafting", True) else None
         self.copy_block = self.block if self.drafter is not None else self.max_width - 1
         no_model = None if self.drafter is not None else [0.0] * self.copy_block
         self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
@@ -160,10 +131,10 @@ class AgentSparkWorker(BaseSpecWorker):
         self._synced: set[str] = set()
         self._keys: dict[str, str] = {}
         # Sessions (agent API): one index per session, dropped after the session's idle TTL.
-        self.session_ttl_s = _profile_session_ttl()
+        self.session_ttl_s = float(session_prof.get("ttl_s", 600.0))
         self._session_seen: dict[str, float] = {}
         self.tier_policy = TierPolicy.from_env()
-        self.scheduler_mode = _profile_scheduler()
+        self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
 
     # ---- set-up
