@@ -89,6 +89,9 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
     env = {"AGENTSERVE_PROFILE_JSON": profile.model_dump_json()}
     if profile_path is not None:
         env["AGENTSERVE_PROFILE"] = str(Path(profile_path).resolve())
+    if d.algorithm == "agentspark" and d.radix_drafting and d.radix_tree:
+        # the worker walks the radix tree for continuations; only the Python tree core has nodes
+        env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] = "python"
     if m.tool_strict != "off":
         env["SGLANG_TOOL_STRICT_LEVEL"] = {"function": "1", "parameter": "2"}[m.tool_strict]
     if s.device == "cpu":

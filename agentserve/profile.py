@@ -39,7 +39,10 @@ class DrafterSpec(_Strict):
     algorithm: Algorithm = "none"
     path: str | None = Field(default=None, description="drafter checkpoint directory (agentspark)")
     num_draft_tokens: int = Field(default=8, ge=2, le=64, description="verify width: draft block + 1")
+    # copied drafts from the session's suffix index (and, with radix_tree, from SGLang's radix
+    # tree: what followed this exact sequence in an earlier request)
     radix_drafting: bool = True
+    radix_tree: bool = True
     # How verify lengths are chosen: "tier_aware" (Algorithm 1 with tier weights and caps),
     # "throughput" (the paper's Algorithm 1 alone), "verify_all" (every draft, no scheduler).
     scheduler: Literal["tier_aware", "throughput", "verify_all"] = "tier_aware"

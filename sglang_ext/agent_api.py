@@ -178,7 +178,9 @@ def worker_agent_stats() -> dict[str, dict[str, float | None]]:
         return {}
     out: dict[str, dict[str, float | None]] = {}
     for agent, n in steps.items():
-        a_copy, a_model = acc.get((agent, "copy"), 0.0), acc.get((agent, "model"), 0.0)
+        # copied drafts from either source: the session index ("copy") or the radix tree ("radix")
+        a_copy = acc.get((agent, "copy"), 0.0) + acc.get((agent, "radix"), 0.0)
+        a_model = acc.get((agent, "model"), 0.0)
         out[agent] = {"accept_length": toks[agent] / n if n else None,
                       "copy_share": a_copy / (a_copy + a_model) if a_copy + a_model else None}
     return out

@@ -45,6 +45,7 @@ from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.dspark.verify import verify_block
 from sglang_ext.draft_gate import DraftGate
 from sglang_ext.sps_online import OnlineSPS
+from sglang_ext.radix_walk import radix_continuation, walkable
 from sglang_ext.suffix_index import SessionIndexRegistry
 from sglang_ext.suffix_proposer import CopySurvival, HybridChoice, HybridDecision, pad_block
 from sglang_ext.tier_policy import TierPolicy, request_tags
@@ -97,7 +98,7 @@ class StepStats:
     schedule_s: float = 0.0
     verify_s: float = 0.0
     fallback: bool = False
-    sources: list[str] = field(default_factory=list)  # "copy" | "model" | "none" per request
+    sources: list[str] = field(default_factory=list)  # "copy" | "radix" | "model" | "none" per request
     agents: list[str] = field(default_factory=list)  # agent label per request ("" untagged)
     tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
     emitted: list[int] = field(default_factory=list)  # tokens committed per request
@@ -129,6 +130,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
                          for regime in ("greedy", "sampled")}
         self._synced: set[str] = set()
+        self.radix_walk = self.index is not None and bool(drafter_prof.get("radix_tree", True))
         self._keys: dict[str, str] = {}
         # Sessions (agent API): one index per session, dropped after the session's idle TTL.
         self.session_ttl_s = float(session_prof.get("ttl_s", 600.0))
@@ -233,6 +235,7 @@ class AgentSparkWorker(BaseSpecWorker):
         if self.index is None:
             return [None] * len(batch.reqs)
         out: list[Optional[HybridDecision]] = []
+        root = self._radix_root(batch)
         for i, req in enumerate(batch.reqs):
             key = self._index_key(req)
             if req.rid not in self._synced:
@@ -240,8 +243,31 @@ class AgentSparkWorker(BaseSpecWorker):
                 self._synced.add(req.rid)
             proposal = self.index.propose(key, None, self.copy_block)
             chooser = self.choosers["greedy" if bool(greedy[i]) else "sampled"]
-            out.append(chooser.decide(req.rid, proposal))
+            d = chooser.decide(req.rid, proposal)
+            if root is not None:
+                # what followed this exact sequence in an earlier request (radix tree)
+                rp = radix_continuation(root, list(req.origin_input_ids) + list(req.output_ids), self.copy_block)
+                if rp is not None:
+                    rd = chooser.decide(req.rid, rp, origin="radix")
+                    if rd.use_copy and (not d.use_copy or rd.expected_copy > d.expected_copy):
+                        d = rd
+            out.append(d)
         return out
+
+    def _radix_root(self, batch: ScheduleBatch) -> Any:
+        """The radix tree's root when it can be walked from Python (else None, logged once)."""
+        if not self.radix_walk:
+            return None
+        try:
+            root = batch.tree_cache.root_node
+        except Exception:  # e.g. a tree core without Python nodes
+            root = None
+        if root is None or not walkable(root):
+            self.radix_walk = False
+            log.warning("AGENTSPARK: radix tree of %s cannot be walked from Python; radix drafting off "
+                        "(set SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python)", type(batch.tree_cache).__name__)
+            return None
+        return root
 
     # ---- the step
     def forward_batch_generation(self, batch: ScheduleBatch, on_publish: Any = None,
@@ -321,7 +347,8 @@ class AgentSparkWorker(BaseSpecWorker):
         gated = self.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
         model_rows = ([i for i in range(bs) if i not in copy_rows and (not gated or self.gate.pays(rids[i]))]
                       if self.drafter is not None and self.block > 0 else [])
-        if gated and (copy_rows or model_rows) and not self._step_pays(decisions, copy_rows, model_rows, rids, bs):
+        best_w = self._best_width(decisions, copy_rows, model_rows, rids, bs) if gated and (copy_rows or model_rows) else 0
+        if gated and best_w <= 1:
             copy_rows, model_rows = [], []  # this step decodes plainly (decided before any drafting)
         drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
         conf = torch.zeros(bs, g, dtype=torch.float32, device=self.device)
@@ -364,11 +391,24 @@ class AgentSparkWorker(BaseSpecWorker):
         t1 = time.perf_counter()
         if self.scheduler_mode == "verify_all":  # baseline: every proposed draft, no scheduling
             lens = max_len.clone()
+        elif copy_rows and not model_rows:
+            # Copied drafts only: every input is known before sampling, so the width that
+            # maximises expected tokens/s under the padded cost (the sweep in _best_width) can
+            # be used directly. Algorithm 1's early stop exists for drafts whose confidences
+            # come from their own sampled tokens, and on a cost curve with a step (CPU:
+            # 2 tokens cost about what 8 do) it would never take the first token.
+            lens = torch.clamp(max_len, max=best_w - 1)
         else:
             lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
                     else torch.zeros(0, dtype=torch.long))
+            if copy_rows and bs:
+                # copy rows ride along up to the step's width for free (deterministic drafts)
+                wide = int(lens.max())
+                for i in copy_rows:
+                    lens[i] = min(int(max_len[i]), max(int(lens[i]), wide))
         stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
-        stats.sources = ["copy" if i in copy_rows else "model" if i in model_rows else "none" for i in range(bs)]
+        stats.sources = [("radix" if decisions[i].origin == "radix" else "copy") if i in copy_rows  # type: ignore[union-attr]
+                         else "model" if i in model_rows else "none" for i in range(bs)]
 
         width = 1 + int(lens.max()) if bs else 1
         stats.verify_width, stats.verify_lens = width, lens.tolist()
@@ -453,37 +493,31 @@ class AgentSparkWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.max_width,
         )
 
-    def _step_pays(self, decisions: list[Optional[HybridDecision]], copy_rows: list[int], model_rows: list[int],
-                   rids: list[str], bs: int) -> bool:
-        """Batch-level cost check before drafting. Every row of a verify step is padded to the
-        widest row, so one speculating row makes the whole batch verify W positions: speculate
-        only if the expected tokens per second beat a plain step's. Uses pre-sampling
-        information only (copy confidences are deterministic given the context; the model's
-        expectation is its past acceptance), so it keeps verification lossless."""
-        t1 = 1.0 / self.sps(bs)
-        gain, width = 0.0, 1
+    def _best_width(self, decisions: list[Optional[HybridDecision]], copy_rows: list[int], model_rows: list[int],
+                    rids: list[str], bs: int) -> int:
+        """Batch-level cost check before drafting: the verify width W (1 = decode plainly) with
+        the most expected tokens per second. Every row of a verify step is padded to the widest
+        row, so the step costs SPS at bs x W. Expected tokens at width W: each copy row's sum of
+        survival products over its first W-1 positions, each model row its past acceptance
+        capped at W-1; all rows count together (a lone row rarely pays for the padding, eight
+        copy rows often do). Pre-sampling information only (copy confidences are deterministic
+        given the context; the model's expectation is its past acceptance), so verification
+        stays lossless."""
+        best_rate, best_w = bs * self.sps(bs), 1
+        copy_pp = []
         for i in copy_rows:
             d = decisions[i]
             assert d is not None
-            # the row's own best verify length under a padded batch cost (deterministic inputs)
-            best, best_len, acc, a = (bs + gain) * self.sps(bs * width), 0, 0.0, 1.0
-            for j, c in enumerate(d.confidences, start=1):
-                a *= c
-                acc += a
-                rate = (bs + gain + acc) * self.sps(bs * max(width, 1 + j))
-                if rate > best:
-                    best, best_len = rate, j
-            if best_len:
-                gain += sum(float(x) for x in _prefix_products(d.confidences[:best_len]))
-                width = max(width, 1 + best_len)
-        for i in model_rows:
-            e = self.gate.expected(rids[i])
-            gain += e
-            width = max(width, 1 + min(self.block, int(e) + 1))
-        if width == 1:
-            return False
-        t_spec = 1.0 / self.sps(bs * width) + (self.gate.t_draft or 0.0) * len(model_rows)
-        return (bs + gain) / t_spec > bs / t1
+            copy_pp.append(_prefix_products([float(c) for c in d.confidences]))
+        model_e = [self.gate.expected(rids[i]) for i in model_rows]
+        widest = max([len(pp) for pp in copy_pp] + [self.block if model_rows else 0])
+        t_draft = (self.gate.t_draft or 0.0) * len(model_rows)
+        for w in range(2, widest + 2):
+            gain = sum(sum(pp[: w - 1]) for pp in copy_pp) + sum(min(e, w - 1) for e in model_e)
+            rate = (bs + gain) / (1.0 / self.sps(bs * w) + t_draft)
+            if rate > best_rate:
+                best_rate, best_w = rate, w
+        return best_w
 
     def _learn(self, batch: ScheduleBatch, decisions: list[Optional[HybridDecision]], stats: StepStats,
                emitted: list[list[int]], conf: torch.Tensor, greedy: torch.Tensor) -> None:
@@ -494,7 +528,7 @@ class AgentSparkWorker(BaseSpecWorker):
             self.index.extend(self._keys.get(req.rid) or self._index_key(req), emitted[i])
             chooser = self.choosers["greedy" if bool(greedy[i]) else "sampled"]
             ell, acc = stats.verify_lens[i], stats.accepted[i]
-            if stats.sources[i] == "copy" and decisions[i] is not None:
+            if stats.sources[i] in ("copy", "radix") and decisions[i] is not None:
                 chooser.observe_copy(decisions[i], acc, ell, rejected=acc < ell)
             elif stats.sources[i] == "model":
                 chooser.observe_model(req.rid, conf[i].tolist())

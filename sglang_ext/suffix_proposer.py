@@ -160,6 +160,7 @@ class HybridDecision:
     proposal: Optional[Proposal] = None
     tokens: list[int] = field(default_factory=list)  # copy block (source == "copy")
     confidences: list[float] = field(default_factory=list)  # its c_k for the scheduler
+    origin: str = "index"  # which copy source: "index" (session suffix index) or "radix" (radix tree)
 
     @property
     def use_copy(self) -> bool:
@@ -179,6 +180,9 @@ class HybridChoice:
                  model_prior: Optional[Sequence[float]] = None, margin: float = 0.0,
                  ema: float = 0.5, min_match: int = 1) -> None:
         self.survival = survival
+        # one survival estimator per copy source: their acceptance differs (an exact-prefix
+        # continuation from the radix tree is not a suffix match inside the session)
+        self.survivals: dict[str, CopySurvival] = {"index": survival}
         self.block_size = int(block_size)
         prior = list(model_prior) if model_prior is not None else [0.6] * self.block_size
         self.prior_expectation = expected_accepted(prior[: self.block_size])
@@ -190,15 +194,19 @@ class HybridChoice:
     def model_expectation(self, rid: Hashable) -> float:
         return self._model.get(rid, self.prior_expectation)
 
-    def decide(self, rid: Hashable, proposal: Optional[Proposal]) -> HybridDecision:
+    def decide(self, rid: Hashable, proposal: Optional[Proposal], origin: str = "index") -> HybridDecision:
         e_model = self.model_expectation(rid)
         if proposal is None or not proposal.tokens or proposal.match_len < self.min_match:
-            return HybridDecision("model", 0.0, e_model)
+            return HybridDecision("model", 0.0, e_model, origin=origin)
         toks = proposal.tokens[: self.block_size]
-        conf = self.survival.estimate(proposal.match_len, len(toks), proposal.agreement)
+        survival = self.survivals.get(origin)
+        if survival is None:
+            survival = self.survivals[origin] = CopySurvival(self.survival.max_positions, self.survival.buckets,
+                                                             self.survival.prior_strength, self.survival.max_count)
+        conf = survival.estimate(proposal.match_len, len(toks), proposal.agreement)
         e_copy = expected_accepted(conf)
         src = "copy" if e_copy > e_model + self.margin else "model"
-        return HybridDecision(src, e_copy, e_model, proposal, list(toks), conf)
+        return HybridDecision(src, e_copy, e_model, proposal, list(toks), conf, origin)
 
     def observe_model(self, rid: Hashable, confidences: Sequence[float]) -> None:
         """After a model step: fold the block's expected accepted length into the EMA (it is
@@ -211,7 +219,7 @@ class HybridChoice:
                      rejected: Optional[bool] = None) -> None:
         """After a copy step: teach the survival estimator (verified_len = verify length)."""
         if decision.proposal is not None:
-            self.survival.observe(decision.proposal.match_len, accepted_count, verified_len,
+            self.survivals[decision.origin].observe(decision.proposal.match_len, accepted_count, verified_len,
                                   decision.proposal.agreement, rejected)
 
     def forget(self, rid: Hashable) -> None:

@@ -34,8 +34,8 @@ def _metrics() -> dict[str, Any] | None:
             # reached: verified with every earlier draft of the block accepted; accepted/reached
             # is the conditional acceptance per position (paper Figure 2)
             "reached": Counter("agentserve:spec_reached_drafts_total", "Drafts verified after all earlier drafts of the block were accepted", ["position"]),
-            "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session index; model: DSpark drafter)", ["source"]),
-            "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session index; model: DSpark drafter)", ["source"]),
+            "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session suffix index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
+            "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session suffix index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
             # per agent (labels bounded by the HTTP middleware: top-N agents, then "other")
             "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
             "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),
@@ -81,7 +81,7 @@ def observe_step(stats: Any) -> None:
             a = agent or "untagged"
             m["agent_steps"].labels(agent=a).inc()
             m["agent_tokens"].labels(agent=a).inc(n)
-            if acc and src in ("copy", "model"):
+            if acc and src in ("copy", "radix", "model"):
                 m["agent_accepted"].labels(agent=a, source=src).inc(acc)
             m["tier_len"].labels(tier=tier or "none").observe(ell)
         m["phase"].labels(phase="draft").observe(stats.draft_s)

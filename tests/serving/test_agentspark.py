@@ -101,7 +101,10 @@ def _two_sample_chi2(a: collections.Counter, b: collections.Counter, min_count: 
 def test_sampled_distribution_matches_plain(plain_server, agentspark_server) -> None:
     n = 300
     a = _samples(plain_server.url, n, 1000)
+    before = _source_counts(agentspark_server.url)
     b = _samples(agentspark_server.url, n, 5000)
+    after = _source_counts(agentspark_server.url)
+    print("drafts verified by source:", {k: after[k] - before[k] for k in after})
     # Tokens 2 and 3 come out of speculative verification (token 1 is sampled at prefill);
     # their marginals are compared separately (pairs would spread the counts too thin).
     for pos in (1, 2):
@@ -110,6 +113,59 @@ def test_sampled_distribution_matches_plain(plain_server, agentspark_server) -> 
         # A sampler that verified greedily (SGLang's CPU tree verify does) collapses the
         # distribution and fails this at any seed; a correct one passes at the 0.05% level.
         assert pvalue > 5e-4, (pos, pvalue)
+
+
+def _source_counts(url: str, name: str = "agentserve:spec_source_verified_drafts_total") -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = collections.defaultdict(float)
+    for fam in text_string_to_metric_families(requests.get(url + "/metrics", timeout=60).text):
+        for s in fam.samples:
+            if s.name == name:
+                out[s.labels["source"]] += s.value
+    return out
+
+
+def test_repeated_prompt_drafts_from_the_radix_tree(plain_server, agentspark_server) -> None:
+    # An agent retrying the same call: the second time, the radix tree holds what followed this
+    # exact sequence, so the worker copies it; the output stays identical to plain decoding.
+    body = {"text": chat("Write a Python class for a bank account with deposit and withdraw methods."),
+            "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
+    ref = gen(plain_server.url, body)
+    first = gen(agentspark_server.url, body)
+    before = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    again = gen(agentspark_server.url, body)
+    after = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    assert first["output_ids"] == ref["output_ids"] and again["output_ids"] == ref["output_ids"]
+    copied = after["radix"] - before["radix"]
+    assert copied >= 0.5 * len(ref["output_ids"]), (copied, before, after)
+    assert again["meta_info"]["spec_accept_length"] > 3.0, again["meta_info"]
+
+
+def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server) -> None:
+    # Sampled requests that repeat a prompt: later ones get continuations copied from the radix
+    # tree (earlier samples) and verified as deterministic drafts. Two clients at a time keep
+    # the batch small enough that copying pays on this CPU (so copies really are verified).
+    import concurrent.futures as cf
+
+    prompt = "Count from 1 to 20: 1, 2, 3,"
+
+    def body(seed: int) -> dict:
+        return {"text": prompt, "sampling_params": {"temperature": 1.0, "top_k": 3, "max_new_tokens": 6,
+                                                    "sampling_seed": seed}}
+
+    ref = gen(plain_server.url, {"text": [prompt] * 400, "sampling_params": [body(20000 + i)["sampling_params"] for i in range(400)]})
+    before = _source_counts(agentspark_server.url)
+    with cf.ThreadPoolExecutor(2) as ex:
+        got = list(ex.map(lambda i: gen(agentspark_server.url, body(30000 + i)), range(160)))
+    after = _source_counts(agentspark_server.url)
+    assert after["radix"] - before["radix"] >= 100, (before, after)  # copies really were verified
+    a = collections.Counter(tuple(o["output_ids"]) for o in ref)
+    b = collections.Counter(tuple(o["output_ids"]) for o in got)
+    pvalue, cells = _two_sample_chi2(a, b, min_count=5)
+    assert cells >= 1 and sum(a.values()) - max(a.values()) >= 10  # the target is not one outcome only
+    # whole 6-token outputs: a verifier that over-accepted copies would inflate the common one
+    assert pvalue > 5e-4, (pvalue, a.most_common(4), b.most_common(4))
 
 
 def test_worker_metrics_exported(agentspark_server) -> None:

@@ -36,6 +36,11 @@ def test_speculative_and_gpu_plans() -> None:
     assert flag(spark.argv, "--speculative-algorithm") == "AGENTSPARK"
     assert flag(spark.argv, "--speculative-num-draft-tokens") == "8" and "--disable-overlap-schedule" in spark.argv
     assert json.loads(spark.env["AGENTSERVE_PROFILE_JSON"])["drafter"]["path"].endswith("drafters/smollm2-135m-dspark")
+    # radix drafting walks the radix tree, which only the Python tree core exposes
+    assert spark.env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] == "python"
+    prof = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
+    no_tree = prof.model_copy(update={"drafter": prof.drafter.model_copy(update={"radix_tree": False})})
+    assert "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND" not in build_plan(no_tree).env
     gpu = build_plan(parse_profile({"name": "g", "model": {"path": "/m"}, "server": {"device": "cuda", "extra_args": ["--tp", "2"]}}))
     assert "SGLANG_USE_CPU_ENGINE" not in gpu.env and "PYTHONPATH" not in gpu.env
     assert "--attention-backend" not in gpu.argv and gpu.argv[-2:] == ["--tp", "2"]
