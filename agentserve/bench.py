@@ -68,7 +68,7 @@ class BenchResult:
     rss_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def load_prompts(per_domain: int, tokenizer, seed: int = 0) -> dict[str, list[list[int]]]:
+def load_prompts(per_domain: int, tokenizer, seed: int = 0, max_agent_prompt: int | None = None) -> dict[str, list[list[int]]]:
     """Held-out prompts as token ids: the last `per_domain` lines of each domain's files
     (drafter training uses the head), plus multi-turn agent traces cut before their last
     assistant turn (tool calls with JSON arguments, tool outputs echoed, file edits, retries)."""
@@ -82,20 +82,21 @@ def load_prompts(per_domain: int, tokenizer, seed: int = 0) -> dict[str, list[li
                 lines += rows[-per_domain:]
         if lines:
             out[dom] = [_chat_ids(tokenizer, t) for t in lines[:per_domain]]
-    out["agent"] = agent_prompts(per_domain, tokenizer, seed)
+    out["agent"] = agent_prompts(per_domain, tokenizer, seed, max_agent_prompt)
     return out
 
 
-def agent_prompts(n: int, tokenizer, seed: int = 0) -> list[list[int]]:
-    from sglang_ext.agent_traces import TRACE_KINDS, build_trace
+def agent_prompts(n: int, tokenizer, seed: int = 0, max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Each trace cut before its last assistant turn, or before the last one that starts
+    within `max_prompt_tokens` (prefill of a whole 2-3k-token trace takes ~40 s on 2 cores)."""
+    from sglang_ext.agent_traces import TRACE_KINDS, build_trace, tokenize_trace
 
     prompts = []
     for i in range(n):
-        trace = build_trace(TRACE_KINDS[i % len(TRACE_KINDS)], seed + i)
-        segs = trace.render_segments()
-        last_gen = max(j for j, (_, generated) in enumerate(segs) if generated)
-        text = "".join(t for t, _ in segs[:last_gen])  # ends with "<|im_start|>assistant\n"
-        prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
+        tt = tokenize_trace(build_trace(TRACE_KINDS[i % len(TRACE_KINDS)], seed + i), tokenizer)
+        starts = [a for a, _ in tt.spans]
+        fit = [a for a in starts if max_prompt_tokens is None or a <= max_prompt_tokens]
+        prompts.append(tt.tokens[: (fit or starts[:1])[-1]])  # ends with "<|im_start|>assistant\n"
     return prompts
 
 
@@ -324,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         from agentserve import bench_tiers
 
         return bench_tiers.main([x for x in argv if x != "--tiers"])
+    if "--replay" in argv:  # multi-turn agent traces replayed turn by turn, with sessions
+        from agentserve import bench_replay
+
+        return bench_replay.main([x for x in argv if x != "--replay"])
     ap = argparse.ArgumentParser(prog="agentserve bench", description=__doc__,
-                                 epilog="agentserve bench --tiers --help: interactivity tiers under rising load")
+                                 epilog="agentserve bench --tiers --help: interactivity tiers under rising load; "
+                                        "agentserve bench --replay --help: agent traces replayed turn by turn")
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile (model, server); its drafter is replaced per system")
     ap.add_argument("--systems", default="plain,ngram,dspark,hybrid", help=f"comma list from {sorted(SYSTEMS)}")
     ap.add_argument("--concurrency", default="1,8", help="comma list")
@@ -333,13 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", default="0", help="comma list, e.g. 0,1 (each system runs every temperature)")
     ap.add_argument("--domains", default="code,math,chat,agent", help="comma list of code, math, chat, agent")
-    ap.add_argument("--quick", action="store_true", help="2 prompts per domain, 32 tokens, concurrency 1,4 unless given")
+    ap.add_argument("--max-agent-prompt", type=int, default=None,
+                    help="cut agent traces before the last assistant turn starting within N tokens (default: last turn)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 prompts per domain, 32 tokens, concurrency 1,4, agent prompts <= 1024 tokens unless given")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args(argv)
     if a.quick:
         a.per_domain, a.max_new_tokens = 2, 32
         if "--concurrency" not in argv:
             a.concurrency = "1,4"
+        if a.max_agent_prompt is None:
+            a.max_agent_prompt = 1024
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.model.path)
-    prompts = {d: v for d, v in load_prompts(a.per_domain, tok).items() if d in a.domains.split(",")}
+    prompts = {d: v for d, v in load_prompts(a.per_domain, tok, max_agent_prompt=a.max_agent_prompt).items() if d in a.domains.split(",")}
     machine = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores, {base.model.dtype}".strip()
     res = BenchResult(machine=machine, settings=vars(a))
     all_results: list[RequestResult] = []
