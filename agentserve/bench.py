@@ -38,6 +38,8 @@ SYSTEMS: dict[str, DrafterSpec] = {
     # our worker, model drafts + copied continuations from the session index
     "hybrid": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8,
                           radix_drafting=True),
+    # SGLang's own DSPARK worker on the same checkpoint (CUDA/NPU/XPU only: a GPU baseline)
+    "upstream": DrafterSpec(algorithm="dspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8),
 }
 
 
@@ -357,9 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--systems: unknown {unknown}; choose from {sorted(SYSTEMS)}")
     concs = parse_list(ap, "--concurrency", a.concurrency, int)
     temps = parse_list(ap, "--temperature", str(a.temperature), float)
+    base = load_profile(a.profile)
+    if "upstream" in systems and base.server.device == "cpu":
+        ap.error("--systems: 'upstream' is SGLang's own DSPARK worker, which runs only on cuda, npu or xpu "
+                 f"(the profile's server.device is cpu: {a.profile})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_profile(a.profile)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.model.path)

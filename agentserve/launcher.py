@@ -16,7 +16,7 @@ from pathlib import Path
 from agentserve.profile import Profile, ProfileError
 
 # SGLang's spelling of each of our algorithms.
-_ALGO_NAME = {"ngram": "NGRAM", "agent_ngram": "AGENT_NGRAM", "agentspark": "AGENTSPARK"}
+_ALGO_NAME = {"ngram": "NGRAM", "agent_ngram": "AGENT_NGRAM", "agentspark": "AGENTSPARK", "dspark": "DSPARK"}
 
 # What SGLang 0.5.23 needs to serve on a CPU (see shared/docs/sglang-on-cpu.md).
 _CPU_DEFAULTS = {
@@ -80,6 +80,10 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
             flags.append("--disable-overlap-schedule")
         # agentspark's drafter path reaches the worker through AGENTSERVE_PROFILE_JSON: SGLang
         # would treat --speculative-draft-model-path as a model of its own to load.
+        if d.algorithm == "dspark":
+            # upstream DSPARK loads the same checkpoint format itself; verify width = gamma + 1
+            args["--speculative-draft-model-path"] = str(d.path)
+            args["--speculative-dspark-block-size"] = str(d.num_draft_tokens - 1)
 
     argv = [sys.executable, "-m", "sglang.launch_server"]
     for k, v in args.items():

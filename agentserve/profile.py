@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Speculative algorithms a profile may select. "agent_ngram" is our plugin-registered
-# n-gram worker (proves the plugin path); "agentspark" is our DSpark worker; "ngram" is
-# SGLang's own, kept as a baseline.
-Algorithm = Literal["none", "ngram", "agent_ngram", "agentspark"]
+# n-gram worker (proves the plugin path); "agentspark" is our DSpark worker; "ngram" and
+# "dspark" are SGLang's own, kept as baselines ("dspark" is upstream's DSPARK worker, which
+# SGLang runs only on CUDA, NPU or XPU).
+Algorithm = Literal["none", "ngram", "agent_ngram", "agentspark", "dspark"]
 
 
 class _Strict(BaseModel):
@@ -49,8 +50,8 @@ class DrafterSpec(_Strict):
 
     @model_validator(mode="after")
     def _needs_path(self) -> DrafterSpec:
-        if self.algorithm == "agentspark" and not self.path:
-            raise ValueError("path: required when algorithm is 'agentspark'")
+        if self.algorithm in ("agentspark", "dspark") and not self.path:
+            raise ValueError(f"path: required when algorithm is '{self.algorithm}'")
         return self
 
 
@@ -110,6 +111,9 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:
+        if self.drafter.algorithm == "dspark" and self.server.device == "cpu":
+            raise ValueError("drafter.algorithm: 'dspark' is SGLang's own DSPARK worker, which SGLang runs only on "
+                             "cuda, npu or xpu (server.device is cpu); use 'agentspark', ours, on a CPU")
         names = [t.name for t in self.interactivity_tiers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

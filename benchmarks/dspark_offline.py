@@ -1,7 +1,8 @@
 """Offline DSpark benchmark on held-out prompts with the bundled target (paper section 4 style).
 
 Prints, per sampling temperature:
-  * tau (accepted drafts + bonus, full block, no scheduler) per domain (math, code, chat) for
+  * tau (accepted drafts + bonus, full block, no scheduler) per domain (math, code, chat, and
+    agent: tool-call turns of the project's multi-turn agent traces, continued by the target) for
     DSpark and for the same backbone without the sequential head (DFlash-style ablation:
     a separately trained --no-sequential drafter via --dflash, else the DSpark drafter with
     its Markov bias switched off at inference, which is labelled as such);
@@ -33,7 +34,35 @@ from sglang_ext.dspark.drafter import DSparkDrafter  # noqa: E402
 from sglang_ext.dspark.offline_eval import OfflineStats, evaluate_offline  # noqa: E402
 from sglang_ext.dspark.train import load_target  # noqa: E402
 
-DOMAINS = ("math", "code", "chat")
+DOMAINS = ("math", "code", "chat", "agent")
+TEXT_DOMAINS = ("math", "code", "chat")
+
+
+@torch.no_grad()
+def agent_sequences(target: Any, tok: Any, n: int, cache: str, max_prompt: int, gen_tokens: int,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out agent turns: each synthetic trace (tool calls with JSON arguments, tool outputs,
+    file edits, retries) cut before an assistant turn that starts within `max_prompt` tokens,
+    continued greedily by the target itself (so anchors sit in text the target produces)."""
+    from agentserve.bench import agent_prompts
+    from sglang_ext.dspark.data import read_cache
+
+    done = [r for r in read_cache(cache) if r.get("domain") == "agent"]
+    if len(done) >= n:
+        return done[:n]
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    # seeds far from the serving benchmarks' (0..): these traces are not the ones it replays
+    prompts = agent_prompts(n, tok, seed=seed + 1000, max_prompt_tokens=max_prompt)
+    dev = next(target.parameters()).device
+    with open(cache, "a", encoding="utf-8") as f:
+        for i, ids in enumerate(prompts[len(done):], start=len(done)):
+            x = torch.tensor([ids], device=dev)
+            out = target.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=gen_tokens,
+                                  do_sample=False, pad_token_id=tok.eos_token_id)
+            rec = {"key": f"agent:{i}", "domain": "agent", "prompt_len": len(ids), "ids": out[0].tolist()}
+            f.write(json.dumps(rec) + "\n")
+            done.append(rec)
+    return done
 
 
 def _fmt_row(name: str, vals: list[Any], width: int = 8) -> str:
@@ -65,6 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--drafter", default="drafters/smollm2-135m-dspark")
     ap.add_argument("--dflash", default=None, help="separately trained --no-sequential drafter")
     ap.add_argument("--prompts", type=int, default=10, help="held-out prompts per domain")
+    ap.add_argument("--agent-prompts", type=int, default=8, help="held-out agent-trace turns (0: none)")
+    ap.add_argument("--agent-max-prompt", type=int, default=1024, help="agent turns start within N tokens")
     ap.add_argument("--anchors", type=int, default=8, help="anchors per sequence")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--temperatures", default="0,1")
@@ -82,8 +113,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         variants.append(("DFlash (trained w/o head)", DSparkDrafter.from_pretrained(args.dflash, device=args.device, target=target), False))
     else:
         variants.append(("no seq. head (inference)", drafter, False))
-    held = load_prompts(DOMAINS, "heldout", limit_per_domain=args.prompts)
+    held = load_prompts(TEXT_DOMAINS, "heldout", limit_per_domain=args.prompts)
     seqs = generate_sequences(target, tok, held, args.cache, max_new_tokens=args.gen_tokens, batch_size=8, progress=False)
+    seqs = [r for r in seqs if r.get("domain") != "agent"]
+    if args.agent_prompts:
+        seqs += agent_sequences(target, tok, args.agent_prompts, args.cache.replace(".jsonl", "-agent.jsonl"),
+                                args.agent_max_prompt, args.gen_tokens)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     results: dict[str, Any] = {"n_sequences": len(seqs), "drafter": args.drafter}
     for t in [float(x) for x in args.temperatures.split(",") if x.strip()]:

@@ -44,6 +44,11 @@ def test_speculative_and_gpu_plans() -> None:
     gpu = build_plan(parse_profile({"name": "g", "model": {"path": "/m"}, "server": {"device": "cuda", "extra_args": ["--tp", "2"]}}))
     assert "SGLANG_USE_CPU_ENGINE" not in gpu.env and "PYTHONPATH" not in gpu.env
     assert "--attention-backend" not in gpu.argv and gpu.argv[-2:] == ["--tp", "2"]
+    # upstream DSPARK on a GPU, on the same checkpoint (the GPU baseline of `agentserve bench`)
+    up = build_plan(parse_profile({"name": "u", "model": {"path": "/m"}, "server": {"device": "cuda"},
+                                   "drafter": {"algorithm": "dspark", "path": "/d", "num_draft_tokens": 8}}))
+    assert flag(up.argv, "--speculative-algorithm") == "DSPARK" and flag(up.argv, "--speculative-draft-model-path") == "/d"
+    assert flag(up.argv, "--speculative-dspark-block-size") == "7" and "--disable-overlap-schedule" not in up.argv
 
 
 def test_dry_run_prints_command(capsys) -> None:

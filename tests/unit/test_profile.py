@@ -65,6 +65,7 @@ def test_good_profile_and_tier_lookup() -> None:
         ({"agents": {"bot1": "gold"}}, "agents.bot1: tier 'gold'"),
         ({"drafter": {"algorithm": "eagle"}}, "drafter.algorithm: input should be"),
         ({"drafter": {"algorithm": "agentspark"}}, "path: required when algorithm is 'agentspark'"),
+        ({"drafter": {"algorithm": "dspark", "path": "d"}}, "drafter.algorithm: 'dspark' is SGLang's own DSPARK worker"),
     ],
 )
 def test_bad_fields_are_named(patch: dict, expected: str) -> None:
