@@ -102,6 +102,7 @@ class StepStats:
     agents: list[str] = field(default_factory=list)  # agent label per request ("" untagged)
     tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
     emitted: list[int] = field(default_factory=list)  # tokens committed per request
+    expected: list[float] = field(default_factory=list)  # expected accepted drafts per request, before sampling
 
 
 class AgentSparkWorker(BaseSpecWorker):
@@ -411,7 +412,13 @@ class AgentSparkWorker(BaseSpecWorker):
                          else "model" if i in model_rows else "none" for i in range(bs)]
 
         width = 1 + int(lens.max()) if bs else 1
+        if gated and width > 1:
+            # pad to the cheapest width at or above the needed one (measured step costs)
+            width = self.sps.cheapest_width(bs, width, g + 1)[0]
         stats.verify_width, stats.verify_lens = width, lens.tolist()
+        stats.expected = [sum(_prefix_products(conf[i, : int(lens[i])].tolist())) if i in copy_rows
+                          else min(self.gate.expected(rids[i]), float(lens[i])) if i in model_rows else 0.0
+                          for i in range(bs)]
 
         # 3. verify: [anchor, x_1 .. x_{W-1}] per request, chain mask
         tokens = torch.cat([anchors[:, None], drafts[:, : width - 1]], dim=1)
@@ -480,6 +487,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)
+        worker_metrics.trace_step(stats)
 
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -503,7 +511,7 @@ class AgentSparkWorker(BaseSpecWorker):
         copy rows often do). Pre-sampling information only (copy confidences are deterministic
         given the context; the model's expectation is its past acceptance), so verification
         stays lossless."""
-        best_rate, best_w = bs * self.sps(bs), 1
+        best_rate, best_w = bs / self.sps.step_seconds(bs), 1
         copy_pp = []
         for i in copy_rows:
             d = decisions[i]
@@ -514,7 +522,8 @@ class AgentSparkWorker(BaseSpecWorker):
         t_draft = (self.gate.t_draft or 0.0) * len(model_rows)
         for w in range(2, widest + 2):
             gain = sum(sum(pp[: w - 1]) for pp in copy_pp) + sum(min(e, w - 1) for e in model_e)
-            rate = (bs + gain) / (1.0 / self.sps(bs * w) + t_draft)
+            # the step runs at the cheapest width >= w (padded), see OnlineSPS.cheapest_width
+            rate = (bs + gain) / (self.sps.cheapest_width(bs, w, self.copy_block + 1)[1] + t_draft)
             if rate > best_rate:
                 best_rate, best_w = rate, w
         return best_w

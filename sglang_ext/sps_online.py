@@ -93,3 +93,24 @@ class OnlineSPS:
 
     def __call__(self, b: int) -> float:
         return self.table(b)
+
+    def step_seconds(self, b: int) -> float:
+        """Seconds of one forward at B batch tokens: the measured average where B has enough
+        samples, else the monotone table. Unlike the table, measured points keep their shape:
+        on a CPU without native bf16, 2 tokens can cost more than 4 or 8 (the matmul kernel
+        changes with the row count), which the isotonic fit would average away."""
+        with self._lock:
+            if self.count.get(b, 0) >= self.min_samples:
+                return self.seconds[b]
+        return 1.0 / self.table(b)
+
+    def cheapest_width(self, bs: int, width: int, max_width: int) -> tuple[int, float]:
+        """(W, seconds): the verify width W in [width, max_width] whose forward over bs x W
+        tokens is cheapest. A step that needs `width` positions may run wider, padded: the
+        extra positions are never verified, so the result is the same and only the cost moves."""
+        best_w, best_t = width, self.step_seconds(bs * width)
+        for w in range(width + 1, max_width + 1):
+            t = self.step_seconds(bs * w)
+            if t < best_t:
+                best_w, best_t = w, t
+        return best_w, best_t

@@ -6,11 +6,15 @@ them with its own. Creation and updates never raise: metrics must not break serv
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 _m: dict[str, Any] | None = None
+_trace_path = os.environ.get("AGENTSERVE_STEP_TRACE") or None
 
 
 def _metrics() -> dict[str, Any] | None:
@@ -89,3 +93,18 @@ def observe_step(stats: Any) -> None:
         m["phase"].labels(phase="verify").observe(stats.verify_s)
     except Exception as e:  # pragma: no cover
         log.debug("metric update failed: %s", e)
+
+
+def trace_step(stats: Any) -> None:
+    """AGENTSERVE_STEP_TRACE=FILE: one JSON line per speculative step (batch, width, verify
+    lengths, sources, expected and accepted drafts, phase times), for reading why the worker
+    chose what it chose. Off unless set; a write failure turns it off."""
+    global _trace_path
+    if not _trace_path or not is_dataclass(stats):
+        return
+    try:
+        with open(_trace_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(stats), default=float) + "\n")
+    except OSError as e:
+        log.warning("step trace to %s disabled: %s", _trace_path, e)
+        _trace_path = None

@@ -71,7 +71,10 @@ def evaluate_sequence(
     g = cfg.block_size
     dev = next(target.parameters()).device
     seq = torch.tensor(ids, device=dev)[None]
-    feats, _ = target_features(target, seq, cfg.target_layer_ids)
+    # features only: the target's LM head over every position of a long (agent) sequence
+    # would cost more than the rest of the evaluation
+    hs = target.model(input_ids=seq, output_hidden_states=True, use_cache=False).hidden_states
+    feats = torch.cat([hs[l + 1] for l in cfg.target_layer_ids], dim=-1)
     anchors = [a for a in anchors if 1 <= a < len(ids)]
     stats = OfflineStats(gamma=g)
     if not anchors:
@@ -94,9 +97,10 @@ def evaluate_sequence(
         rows[i, : a + 1] = seq[0, : a + 1]
         rows[i, a + 1 : a + 1 + g] = blk.tokens[i].to(dev)
         att[i, : a + 1 + g] = 1
-    logits = target(input_ids=rows, attention_mask=att, use_cache=False).logits
+    last = target.model(input_ids=rows, attention_mask=att, use_cache=False).last_hidden_state
     idx = torch.tensor(anchors, device=dev)[:, None] + torch.arange(g + 1, device=dev)
-    tl = torch.gather(logits, 1, idx[..., None].expand(r, g + 1, logits.shape[-1]))
+    # the LM head only where the block is verified (anchor .. anchor + g)
+    tl = target.lm_head(torch.gather(last, 1, idx[..., None].expand(r, g + 1, last.shape[-1])))
     p = process_logits(tl.reshape(r * (g + 1), -1), params.expand(g + 1)).reshape(r, g + 1, -1)
     res = verify_block(blk.tokens, p.to(blk.q_probs.device), blk.q_probs, greedy=params.is_greedy,
                        eos_token_ids=eos_token_ids, generator=generator)
