@@ -39,10 +39,11 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
 from sglang_ext import worker_metrics
-from sglang_ext.dspark.drafter import DraftContext, DSparkDrafter
+from sglang_ext.dspark.drafter import DSparkDrafter
 from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_from_probs
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.dspark.verify import verify_block
+from sglang_ext.draft_contexts import LazyContexts
 from sglang_ext.draft_gate import DraftGate
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.radix_walk import radix_continuation, walkable
@@ -113,7 +114,6 @@ class AgentSparkWorker(BaseSpecWorker):
         self.model_runner = target_worker.model_runner
         self.device = get_device().device
         self.max_width: int = int(get_spec().speculative_num_draft_tokens)
-        self.contexts: dict[str, DraftContext] = {}
         self._prev_rids: set[str] = set()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(getattr(server_args, "random_seed", 0) or 0))
@@ -124,6 +124,8 @@ class AgentSparkWorker(BaseSpecWorker):
         prof = _profile()
         drafter_prof, session_prof = prof.get("drafter") or {}, prof.get("sessions") or {}
         self._load_drafter(drafter_prof.get("path") or get_spec().speculative_draft_model_path)
+        # drafter context K/V per request, projected lazily (draft_contexts.py)
+        self.contexts: Optional[LazyContexts] = LazyContexts(self.drafter, self.device) if self.drafter is not None else None
         # Radix/session-aware drafting: copied continuations from what the session already holds.
         self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if drafter_prof.get("radix_drafting", True) else None
         self.copy_block = self.block if self.drafter is not None else self.max_width - 1
@@ -171,34 +173,20 @@ class AgentSparkWorker(BaseSpecWorker):
         return None
 
     def clear_cache_pool(self) -> None:
-        self.contexts.clear()
+        if self.contexts is not None:
+            self.contexts.clear()
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         pass
 
     # ---- context bookkeeping
-    def _ctx(self, rid: str) -> DraftContext:
-        c = self.contexts.get(rid)
-        if c is None:
-            c = self.contexts[rid] = DraftContext()
-        return c
-
-    @staticmethod
-    def _keep_before(ctx: DraftContext, position: int) -> None:
-        # Positions are appended in increasing order; drop what a retraction or re-prefill redoes.
-        if ctx.length and int(ctx.pos()[-1]) >= position:
-            ctx.truncate(int((ctx.pos() < position).sum()))
-
     def _append(self, rid: str, hidden: torch.Tensor, start: int) -> None:
-        if self.drafter is None or hidden.shape[0] == 0:
-            return
-        ctx = self._ctx(rid)
-        self._keep_before(ctx, start)
-        pos = torch.arange(start, start + hidden.shape[0], device=self.device)
-        self.drafter.append_context(ctx, hidden, pos)
+        if self.contexts is not None:
+            self.contexts.append(rid, hidden, start)
 
     def _forget(self, rid: str) -> None:
-        self.contexts.pop(rid, None)
+        if self.contexts is not None:
+            self.contexts.forget(rid)
         for ch in self.choosers.values():
             ch.forget(rid)
         self._synced.discard(rid)
@@ -323,8 +311,6 @@ class AgentSparkWorker(BaseSpecWorker):
 
     def _decode_step(self, batch: ScheduleBatch, on_publish: Any) -> GenerationBatchResult:
         from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
-        from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
-
         stats = StepStats(batch_size=len(batch.reqs))
         bs = len(batch.reqs)
         rids = [r.rid for r in batch.reqs]
@@ -364,9 +350,11 @@ class AgentSparkWorker(BaseSpecWorker):
         if model_rows:
             try:
                 idx = torch.tensor(model_rows, device=self.device)
-                ctxs = [self._ctx(rids[i]) for i in model_rows]
-                for c, a in zip(ctxs, seq_lens[idx].tolist()):
-                    self._keep_before(c, a)
+                assert self.contexts is not None
+                ctxs = []
+                for i, a in zip(model_rows, seq_lens[idx].tolist()):
+                    self.contexts.trim(rids[i], a)  # positions from the anchor on are redone
+                    ctxs.append(self.contexts.get(rids[i]))
                 blk = self.drafter.draft_block(ctxs, anchors[idx], seq_lens[idx], sampling.index(idx), generator=self.generator)
                 drafts[idx] = blk.tokens[:, :g]
                 mconf = blk.confidences if blk.confidences is not None else torch.full_like(blk.tokens, 0.5, dtype=torch.float)
@@ -454,7 +442,9 @@ class AgentSparkWorker(BaseSpecWorker):
                               verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
             emitted = vr.tokens  # accepted drafts + bonus (no bonus after an accepted EOS)
         else:  # nothing verified this step: plain decoding of one token
-            nxt = torch.where(greedy, p[:, 0].argmax(-1), sample_from_probs(p[:, 0], self.generator))
+            nxt = p[:, 0].argmax(-1)
+            if not bool(greedy.all()):  # sample only where a request samples
+                nxt = torch.where(greedy, nxt, sample_from_probs(p[:, 0], self.generator))
             emitted = [[int(t)] for t in nxt.tolist()]
         stats.verify_s = time.perf_counter() - t0
         self.sps.observe(bs * width, stats.verify_s)
@@ -463,13 +453,12 @@ class AgentSparkWorker(BaseSpecWorker):
         accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
         # Rows padded to the maximum width: SGLang's relay buffers keep one shape across steps.
         accept_tokens = torch.zeros(bs, self.max_width, dtype=torch.int32, device=self.device)
-        accept_index = torch.full((bs, width), -1, dtype=torch.int32, device=self.device)
         for i, toks in enumerate(emitted):
             accept_tokens[i, : len(toks)] = torch.tensor(toks, dtype=torch.int32, device=self.device)
-            # committed KV: the anchor and the accepted drafts, already at their positions
-            accept_index[i, : len(toks)] = i * width + torch.arange(len(toks), dtype=torch.int32, device=self.device)
         num_correct = accept_lens - 1
-        move_accept_tokens_to_target_kvcache(batch, accept_index, num_correct, self.token_to_kv_pool_allocator)
+        # Committed KV (the anchor and the accepted drafts) needs no move: a chain verify wrote
+        # each request's positions at consecutive slots from its front, which is where SGLang's
+        # move_accept_tokens_to_target_kvcache would put them (an identity copy).
         new_seq_lens = batch.seq_lens + accept_lens
 
         # 4. drafter context: target features of the committed positions

@@ -44,23 +44,48 @@ def verify_forward(backend: Any, q: torch.Tensor, k: torch.Tensor | None, v: tor
 
     bs = forward_batch.batch_size
     n = q_.shape[0] // bs
-    masks = _draft_mask(forward_batch.spec_info, bs, n, q_.device)
-    seq_lens = forward_batch.seq_lens.tolist()
-    rpi = forward_batch.req_pool_indices.tolist()
+    seq_lens, slots, attn_masks = _per_forward(forward_batch, req_to_token, bs, n, q_.device, int(layer.layer_id))
     gqa = hq != layer.tp_k_head_num
     for b in range(bs):
-        prefix = int(seq_lens[b])
-        slots = req_to_token[rpi[b], : prefix + n]
-        kk = k_cache[slots].movedim(0, 1).unsqueeze(0)
-        vv = v_cache[slots].movedim(0, 1).unsqueeze(0)
+        kk = k_cache[slots[b]].movedim(0, 1).unsqueeze(0)
+        vv = v_cache[slots[b]].movedim(0, 1).unsqueeze(0)
         qq = q_[b * n:(b + 1) * n].movedim(0, 1).unsqueeze(0)
         if kk.dtype != qq.dtype:
             kk, vv = kk.to(qq.dtype), vv.to(qq.dtype)
-        attn_mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q_.device)
-        attn_mask[:, prefix:] = masks[b]
-        o = scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, scale=layer.scaling, enable_gqa=gqa)
+        o = scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_masks[b], scale=layer.scaling, enable_gqa=gqa)
         out[b * n:(b + 1) * n] = o.squeeze(0).movedim(0, 1)
     return out.reshape(-1, hq * dv)
+
+
+def _per_forward(forward_batch: Any, req_to_token: torch.Tensor, bs: int, n: int, device: torch.device,
+                 layer_id: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor | None]]:
+    """What every layer of one verify forward shares (prefix lengths, KV slots, masks), built
+    once per forward rather than once per layer. Layers run in increasing order, so a layer id
+    not above the last one seen starts a new forward (even if the batch object is reused) and
+    rebuilds. A one-token block sees the whole prefix and itself: no mask, which lets SDPA
+    take its unmasked kernel."""
+    cached = getattr(forward_batch, "_agentserve_verify_meta", None)
+    if cached is not None and cached[0] < layer_id and cached[1] == (bs, n):
+        forward_batch._agentserve_verify_meta = (layer_id, cached[1], cached[2])
+        return cached[2]
+    seq_lens = [int(x) for x in forward_batch.seq_lens.tolist()]
+    rpi = forward_batch.req_pool_indices.tolist()
+    slots = [req_to_token[rpi[b], : seq_lens[b] + n] for b in range(bs)]
+    attn_masks: list[torch.Tensor | None] = []
+    if n == 1:
+        attn_masks = [None] * bs
+    else:
+        masks = _draft_mask(forward_batch.spec_info, bs, n, device)
+        for b in range(bs):
+            m = torch.ones(n, seq_lens[b] + n, dtype=torch.bool, device=device)
+            m[:, seq_lens[b]:] = masks[b]
+            attn_masks.append(m)
+    meta = (seq_lens, slots, attn_masks)
+    try:
+        forward_batch._agentserve_verify_meta = (layer_id, (bs, n), meta)
+    except AttributeError:  # a slotted batch object: recompute per layer
+        pass
+    return meta
 
 
 def around_forward_extend(original: Callable[..., torch.Tensor], backend: Any, q: torch.Tensor, k: Any, v: Any,

@@ -1,0 +1,74 @@
+"""The TARGET_VERIFY attention we give SGLang's torch_native backend, against a direct
+computation: each draft query sees its request's whole prefix and the drafts its mask allows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_ext.verify_attention import verify_forward
+
+H, D, HKV = 4, 8, 2
+
+
+class _Pool:
+    def __init__(self, size: int, layers: int, g: torch.Generator) -> None:
+        self.k = [torch.randn(size, HKV, D, generator=g) for _ in range(layers)]
+        self.v = [torch.randn(size, HKV, D, generator=g) for _ in range(layers)]
+
+    def set_kv_buffer(self, layer, loc, k, v) -> None:
+        self.k[layer.layer_id][loc.loc] = k.view(-1, HKV, D)
+        self.v[layer.layer_id][loc.loc] = v.view(-1, HKV, D)
+
+    def get_key_buffer(self, i: int) -> torch.Tensor:
+        return self.k[i]
+
+    def get_value_buffer(self, i: int) -> torch.Tensor:
+        return self.v[i]
+
+
+def _reference(q, pool, layer_id, slots, prefix, mask, scale):
+    k = pool.k[layer_id][slots].repeat_interleave(H // HKV, dim=1)  # [L, H, D]
+    v = pool.v[layer_id][slots].repeat_interleave(H // HKV, dim=1)
+    att = torch.einsum("nhd,lhd->hnl", q, k) * scale
+    n = q.shape[0]
+    allowed = torch.ones(n, prefix + n, dtype=torch.bool)
+    allowed[:, prefix:] = mask
+    att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hnl,lhd->nhd", att, v).reshape(n, H * D)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_verify_attention_matches_direct_computation(n: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    layers, prefixes = 3, [5, 9]
+    bs = len(prefixes)
+    pool = _Pool(64, layers, g)
+    req_to_token = torch.zeros(4, 32, dtype=torch.long)
+    req_to_token[1, :20] = torch.randperm(30, generator=g)[:20]
+    req_to_token[3, :20] = 30 + torch.randperm(30, generator=g)[:20]
+    rpi = torch.tensor([1, 3])
+    out_loc = torch.cat([req_to_token[r, p:p + n] for r, p in zip(rpi.tolist(), prefixes)])
+    chain = torch.ones(n, n, dtype=torch.bool).tril()
+    backend = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                              swa_out_cache_loc=None)
+    fb = SimpleNamespace(batch_size=bs, seq_lens=torch.tensor(prefixes), req_pool_indices=rpi, out_cache_loc=out_loc,
+                         spec_info=SimpleNamespace(custom_mask=chain.expand(bs, n, n).flatten()))
+    for forward in range(2):  # the same batch object twice: the second forward must not reuse the first's slots
+        if forward:
+            fb.seq_lens = torch.tensor([p + 1 for p in prefixes])
+            fb.out_cache_loc = torch.cat([req_to_token[r, p + 1:p + 1 + n] for r, p in zip(rpi.tolist(), prefixes)])
+        for lid in range(layers):
+            layer = SimpleNamespace(layer_id=lid, tp_q_head_num=H, qk_head_dim=D, v_head_dim=D, tp_k_head_num=HKV,
+                                    scaling=D ** -0.5)
+            q = torch.randn(bs * n, H * D, generator=g)
+            k = torch.randn(bs * n, HKV * D, generator=g)
+            v = torch.randn(bs * n, HKV * D, generator=g)
+            out = verify_forward(backend, q, k, v, layer, fb)
+            for b, r in enumerate(rpi.tolist()):
+                pre = int(fb.seq_lens[b])
+                ref = _reference(q[b * n:(b + 1) * n].view(n, H, D), pool, lid, req_to_token[r, :pre + n], pre, chain,
+                                 layer.scaling)
+                torch.testing.assert_close(out[b * n:(b + 1) * n], ref, atol=1e-5, rtol=1e-5)
