@@ -147,30 +147,50 @@ def run_one(url: str, ids: list[int], max_new: int, temperature: float) -> dict:
     return r.json()["meta_info"]
 
 
+WARMUP_IDS = [1, 9690, 198, 31530, 15, 44, 339, 2]
+
+
+def phase_slices(temperatures: list[float], concurrencies: list[int], per_domain: int) -> dict[tuple[float, int], slice]:
+    """Each (temperature, concurrency) phase gets its own max(concurrency, per_domain) prompts
+    per domain. Reusing a prompt would let every cache-aware system (SGLang's n-gram corpus,
+    our radix-tree copies) replay the earlier phase's output, which measures the cache rather
+    than decoding."""
+    out, start = {}, 0
+    for temp in temperatures:
+        for conc in concurrencies:
+            n = max(conc, per_domain)
+            out[(temp, conc)] = slice(start, start + n)
+            start += n
+    return out
+
+
+def prompts_needed(temperatures: list[float], concurrencies: list[int], per_domain: int) -> int:
+    return max(s.stop for s in phase_slices(temperatures, concurrencies, per_domain).values())
+
+
 def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int],
-                 max_new: int, temperatures: list[float], log_dir: Path
+                 max_new: int, temperatures: list[float], log_dir: Path, per_domain: int
                  ) -> tuple[list[RequestResult], list[dict], float, int]:
     prof = base.model_copy(update={"drafter": SYSTEMS[name]})
     results: list[RequestResult] = []
     spec: list[dict] = []
     with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:
         start = srv.start_seconds or 0.0
-        run_one(srv.url, next(iter(prompts.values()))[0], 8, 0.0)  # warm-up
-        for temp in temperatures:
-            for conc in concurrencies:
-                for dom, plist in prompts.items():
-                    jobs = (plist * ((conc + len(plist) - 1) // len(plist)))[: max(conc, len(plist))]
-                    before = scrape(srv.url)
-                    with cf.ThreadPoolExecutor(conc) as ex:
-                        metas = list(ex.map(lambda ids: run_one(srv.url, ids, max_new, temp), jobs))
-                    spec.append({"system": name, "temperature": temp, "concurrency": conc, "domain": dom,
-                                 **spec_delta(before, scrape(srv.url))})
-                    for m in metas:
-                        results.append(RequestResult(name, dom, conc, temp, int(m["completion_tokens"]), float(m["e2e_latency"]),
-                                                     float(m.get("first_token_latency") or 0.0), m.get("spec_accept_length"),
-                                                     m.get("spec_verify_ct")))
-                    print(f"  {name:11s} T={temp:g} c={conc:<2d} {dom:6s} user tok/s "
-                          f"{statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}", file=sys.stderr)
+        run_one(srv.url, WARMUP_IDS, 8, 0.0)  # warm-up (a prompt no workload uses)
+        for (temp, conc), sl in phase_slices(temperatures, concurrencies, per_domain).items():
+            for dom, plist in prompts.items():
+                jobs = plist[sl]  # distinct prompts, none seen earlier by this server
+                before = scrape(srv.url)
+                with cf.ThreadPoolExecutor(conc) as ex:
+                    metas = list(ex.map(lambda ids: run_one(srv.url, ids, max_new, temp), jobs))
+                spec.append({"system": name, "temperature": temp, "concurrency": conc, "domain": dom,
+                             **spec_delta(before, scrape(srv.url))})
+                for m in metas:
+                    results.append(RequestResult(name, dom, conc, temp, int(m["completion_tokens"]), float(m["e2e_latency"]),
+                                                 float(m.get("first_token_latency") or 0.0), m.get("spec_accept_length"),
+                                                 m.get("spec_verify_ct")))
+                print(f"  {name:11s} T={temp:g} c={conc:<2d} {dom:6s} user tok/s "
+                      f"{statistics.mean(r.user_tps for r in results[-len(metas):]):6.2f}", file=sys.stderr)
         rss = srv.peak_rss_bytes()
     return results, spec, start, rss
 
@@ -368,14 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.model.path)
-    prompts = {d: v for d, v in load_prompts(a.per_domain, tok, max_agent_prompt=a.max_agent_prompt).items() if d in a.domains.split(",")}
+    need = prompts_needed(temps, concs, a.per_domain)
+    prompts = {d: v for d, v in load_prompts(need, tok, max_agent_prompt=a.max_agent_prompt).items() if d in a.domains.split(",")}
+    short = {d: len(v) for d, v in prompts.items() if len(v) < need}
+    if short:
+        ap.error(f"--per-domain/--concurrency: {need} distinct prompts per domain needed, only {short} held out")
     machine = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores, {base.model.dtype}".strip()
     res = BenchResult(machine=machine, settings=vars(a))
     all_results: list[RequestResult] = []
     all_spec: list[dict] = []
     for s in systems:
         print(f"system {s} ...", file=sys.stderr)
-        rs, spec, start, rss = bench_system(s, base, prompts, concs, a.max_new_tokens, temps, out)
+        rs, spec, start, rss = bench_system(s, base, prompts, concs, a.max_new_tokens, temps, out, a.per_domain)
         all_results += rs
         all_spec += spec
         res.start_seconds[s] = start
