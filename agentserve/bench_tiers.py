@@ -59,6 +59,8 @@ def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int) -
 
 
 def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int) -> tuple[list[dict], float]:
+    """`prompts`: this level's own conc x per_client prompts (a prompt an earlier level sent
+    would be copied from the radix tree, which measures the cache, not the load)."""
     def client(k: int) -> list[dict]:
         tier = mix[k % len(mix)]
         out = []
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-dspark.yaml"))
     ap.add_argument("--systems", default=",".join(TIER_SYSTEMS))
     ap.add_argument("--concurrency", default="1,2,4", help="levels; a 2-core CPU saturates at a few agents")
-    ap.add_argument("--targets", default="interactive=8,standard=4,batch=0", help="tier=tok/s in priority order; 0 = best effort")
+    ap.add_argument("--targets", default="interactive=20,standard=10,batch=0", help="tier=tok/s in priority order; 0 = best effort")
     ap.add_argument("--mix", default="interactive,standard,batch,standard", help="tiers of clients 0,1,2,.. round-robin")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -127,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     base = load_profile(a.profile)
     from transformers import AutoTokenizer
 
-    prompts = load_prompts(8, AutoTokenizer.from_pretrained(base.model.path)).get(a.domain) or []
-    if not prompts:
-        ap.error(f"--domain: no prompts found for '{a.domain}'")
+    need = 1 + sum(c * a.requests for c in concs)  # one for the warm-up
+    prompts = load_prompts(need, AutoTokenizer.from_pretrained(base.model.path)).get(a.domain) or []
+    if len(prompts) < need:
+        ap.error(f"--domain: {need} distinct '{a.domain}' prompts needed for these levels, {len(prompts)} held out")
+    starts = {c: 1 + sum(x * a.requests for x in concs[:i]) for i, c in enumerate(concs)}
     machine = f"{platform.machine()} {__import__('os').cpu_count()} cores, {base.model.dtype}"
     rows = []
     for s in systems:
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
             for c in concs:
                 before = scrape(srv.url)
-                res, wall = run_level(srv.url, c, mix, prompts, a.requests, a.max_new_tokens)
+                level = prompts[starts[c]: starts[c] + c * a.requests]
+                res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens)
                 rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers))
                 print(f"  {s:11s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
                       + " ".join(f"{k}:{v['attainment'] if v['attainment'] is None else round(v['attainment'], 2)}"

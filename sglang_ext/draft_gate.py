@@ -10,8 +10,10 @@ is slower than plain decoding. The gate skips model drafting for request r this 
 i.e. the expected accepted model drafts E_r (an EMA of *actual* accepted counts on r's
 earlier model-drafted steps, starting from the server-wide EMA) buy less time than drafting
 and the wider verify cost; t_1 is the time of a one-position step, t_verify(W) and t_draft
-are EMAs of measured step phases. Every `probe_every`-th step of a skipped request drafts
-anyway, so E_r follows the text (a tool call after chat prose). Copy drafts are not gated:
+are EMAs of measured step phases. A skipped request drafts anyway after `probe_every` skipped
+steps, so E_r follows the text (a tool call after chat prose); each probe that still does not
+pay doubles that request's interval, up to `max_probe_every` (a probe is not free: the first
+one also projects the whole prompt into the drafter's context). Copy drafts are not gated:
 they cost nothing to propose.
 
 Lossless: the gate's decision for a step uses only earlier steps' outcomes and timings, never
@@ -26,10 +28,12 @@ from typing import Hashable
 
 class DraftGate:
     def __init__(self, prior_accepted: float = 1.0, ema: float = 0.3, probe_every: int = 8,
-                 time_ema: float = 0.2, prior_slope: float = 1 / 7) -> None:
+                 time_ema: float = 0.2, prior_slope: float = 1 / 7, max_probe_every: int = 64) -> None:
         self.prior_slope = prior_slope  # t(W) = t(1) * (1 + slope (W-1)) until t(1) is measured
         self.ema, self.time_ema = ema, time_ema
         self.probe_every = int(probe_every)
+        self.max_probe_every = max(int(max_probe_every), self.probe_every)
+        self._interval: dict[Hashable, int] = {}
         self.global_acc = float(prior_accepted)
         self._acc: dict[Hashable, float] = {}
         self._skipped: dict[Hashable, int] = {}
@@ -63,6 +67,7 @@ class DraftGate:
     def forget(self, rid: Hashable) -> None:
         self._acc.pop(rid, None)
         self._skipped.pop(rid, None)
+        self._interval.pop(rid, None)
 
     # ---- the decision (before drafting)
     def expected(self, rid: Hashable) -> float:
@@ -77,10 +82,13 @@ class DraftGate:
         cost = self.t_draft + max(0.0, wide - t_one)
         if self.expected(rid) * t_one >= cost:
             self._skipped.pop(rid, None)
+            self._interval.pop(rid, None)
             return True
         n = self._skipped.get(rid, 0) + 1
-        if n >= self.probe_every:  # probe: refresh the estimate now and then
+        interval = self._interval.get(rid, self.probe_every)
+        if n >= interval:  # probe: refresh the estimate now and then, less often each time
             self._skipped[rid] = 0
+            self._interval[rid] = min(2 * interval, self.max_probe_every)
             return True
         self._skipped[rid] = n
         return False

@@ -22,13 +22,17 @@ def test_drafts_until_measured_then_follows_cost_and_acceptance() -> None:
     assert gate.pays("good")
 
 
-def test_skipped_request_is_probed_every_n_steps() -> None:
-    gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=4)
+def test_skipped_request_is_probed_less_and_less_often() -> None:
+    gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=4, max_probe_every=8)
     _measured(gate, draft_s=0.05)
-    decisions = [gate.pays("chat") for _ in range(12)]
-    assert decisions == [False, False, False, True] * 3
+    decisions = [gate.pays("chat") for _ in range(28)]
+    # probes after 4 skipped steps, then 8, then at the cap of 8
+    assert [i for i, d in enumerate(decisions) if d] == [3, 11, 19, 27]
     gate.observe_model("chat", 5)  # the probe found a copyable stretch: draft again
     assert gate.pays("chat")
+    gate.observe_model("chat", 0)
+    gate.observe_model("chat", 0)
+    assert [gate.pays("chat") for _ in range(4)] == [False, False, False, True]  # interval reset to 4
     gate.forget("chat")
     assert gate.expected("chat") == gate.global_acc
 
