@@ -404,9 +404,10 @@ class AgentSparkWorker(BaseSpecWorker):
             # pad to the cheapest width at or above the needed one (measured step costs)
             width = self.sps.cheapest_width(bs, width, g + 1)[0]
         stats.verify_width, stats.verify_lens = width, lens.tolist()
-        stats.expected = [sum(_prefix_products(conf[i, : int(lens[i])].tolist())) if i in copy_rows
-                          else min(self.gate.expected(rids[i]), float(lens[i])) if i in model_rows else 0.0
-                          for i in range(bs)]
+        if worker_metrics.tracing():  # only the step trace reads it
+            stats.expected = [sum(_prefix_products(conf[i, : int(lens[i])].tolist())) if i in copy_rows
+                              else min(self.gate.expected(rids[i]), float(lens[i])) if i in model_rows else 0.0
+                              for i in range(bs)]
 
         # 3. verify: [anchor, x_1 .. x_{W-1}] per request, chain mask
         tokens = torch.cat([anchors[:, None], drafts[:, : width - 1]], dim=1)

@@ -95,6 +95,11 @@ def observe_step(stats: Any) -> None:
         log.debug("metric update failed: %s", e)
 
 
+def tracing() -> bool:
+    """Whether AGENTSERVE_STEP_TRACE is on (the worker fills trace-only fields then)."""
+    return _trace_path is not None
+
+
 def trace_step(stats: Any) -> None:
     """AGENTSERVE_STEP_TRACE=FILE: one JSON line per speculative step (batch, width, verify
     lengths, sources, expected and accepted drafts, phase times), for reading why the worker
