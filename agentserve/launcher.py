@@ -90,7 +90,9 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         argv += [k, v] if v is not None else [k]
     argv += flags + list(s.extra_args)
 
-    env = {"AGENTSERVE_PROFILE_JSON": profile.model_dump_json()}
+    # the profile as served: with the port actually used (the load report is named by it)
+    served = profile if port is None else profile.model_copy(update={"server": s.model_copy(update={"port": port})})
+    env = {"AGENTSERVE_PROFILE_JSON": served.model_dump_json()}
     if profile_path is not None:
         env["AGENTSERVE_PROFILE"] = str(Path(profile_path).resolve())
     if d.algorithm == "agentspark" and d.radix_drafting and d.radix_tree:

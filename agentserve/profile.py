@@ -108,6 +108,10 @@ class Profile(_Strict):
     # Tier admission (queue/reject when promised tiers cannot be met); off: tiers only label
     # requests and weight the scheduler (benchmarks compare both).
     admission_control: bool = True
+    # Predictive admission: hold a request back when the scheduler's measured step period and
+    # τ predict a promised tier would fall below (1 + margin) x its target (admission.py rule c).
+    admission_predict: bool = True
+    admission_margin: float = Field(default=0.1, ge=0, le=1, description="headroom over a tier's target")
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:

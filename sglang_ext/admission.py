@@ -6,10 +6,16 @@ A request of tier T starts when
       while its recent attainment — the share of its requests finished in the last
       `window_s` seconds (at most the last 16) whose per-user tok/s met the target — is below
       `min_attainment` (0.95).
+  (c) predictive (when the scheduler publishes its load report, load_report.py): admitting
+      one more request, B+1 running, keeps the predicted speed τ_U / period(B+1) of every
+      tier U with a target that is running (or is T itself) at or above (1 + margin) x U's
+      target, for U as important as T or more. A request of T is still admitted when only
+      less important requests make the prediction fail: those stop being admitted (rule c for
+      them) and drain, so a promised tier never waits behind best-effort work.
 Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
 waits, in (priority, arrival) order, until (a) and (b) hold, at most `queue_timeout_s`, then
 answers 503. Both errors name the tier and the reason, so a client knows what to back off on.
-Rule (b) is what keeps promises: when the top tier misses its target, lower tiers stop
+Rule (c) acts before a promise is broken, rule (b) after; (b) is also what keeps promises: when the top tier misses its target, lower tiers stop
 adding load instead of everyone slowing down; on a compute-bound server every extra
 request slows every running one.
 """
@@ -21,6 +27,8 @@ import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from sglang_ext.load_report import CapacityModel
 
 RECENT = 16
 
@@ -52,7 +60,8 @@ class Overloaded(Exception):
 
 class TierGate:
     def __init__(self, tiers: list[dict[str, Any]], window_s: float = 60.0, min_attainment: float = 0.95,
-                 clock: Callable[[], float] = time.monotonic, enabled: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, enabled: bool = True,
+                 capacity: Optional[CapacityModel] = None, margin: float = 0.1) -> None:
         self.enabled = enabled  # off: count and time requests per tier, never hold one back
         self.tiers = {t["name"]: TierState(t["name"], t.get("target_tokens_per_s"), int(t.get("priority", 0)),
                                            t.get("max_concurrency"), t.get("on_overload", "queue"),
@@ -60,6 +69,7 @@ class TierGate:
         self.window_s = window_s
         self.min_attainment = min_attainment
         self.clock = clock
+        self.capacity, self.margin = capacity, margin
         self._waiters: list[tuple[int, int, str]] = []  # (priority, seq, tier)
         self._seq = 0
         self._cond: Optional[asyncio.Condition] = None
@@ -76,6 +86,25 @@ class TierGate:
                 if att is not None and att < self.min_attainment:
                     return (f"tier '{u.name}' is below its {u.target:g} tok/s target (attainment {att:.0%}); "
                             f"tier '{tier}' waits for it")
+        return self._predicted_miss(t)
+
+    def _predicted_miss(self, t: TierState) -> Optional[str]:
+        if self.capacity is None:
+            return None
+        running = sum(u.running for u in self.tiers.values())
+        if running == 0:
+            return None  # an idle server always takes the request
+        b = running + 1
+        less_important_running = any(u.priority > t.priority and u.running > 0 for u in self.tiers.values())
+        for u in sorted(self.tiers.values(), key=lambda u: u.priority):
+            if u.priority > t.priority or u.target is None or (u.running == 0 and u is not t):
+                continue
+            if u is t and less_important_running:
+                continue  # they drain: rule (c) holds their tiers back while t misses
+            pred = self.capacity.predict(u.name, b)
+            if pred is not None and pred < (1 + self.margin) * u.target:
+                return (f"tier '{u.name}' is predicted at {pred:.1f} tok/s per user with {b} requests running, "
+                        f"below its {u.target:g} tok/s target (+{self.margin:.0%} margin)")
         return None
 
     def _first_startable(self) -> Optional[tuple[int, int, str]]:
@@ -145,7 +174,9 @@ class TierGate:
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [{"name": t.name, "target_tokens_per_s": t.target, "priority": t.priority,
+        b = sum(t.running for t in self.tiers.values()) + 1
+        pred = (lambda name: self.capacity.predict(name, b)) if self.capacity is not None else (lambda name: None)
+        return [{"name": t.name, "predicted_tokens_per_s_next": pred(t.name), "target_tokens_per_s": t.target, "priority": t.priority,
                  "max_concurrency": t.max_concurrency, "on_overload": t.on_overload, "running": t.running,
                  "queued_now": sum(1 for w in self._waiters if w[2] == t.name),
                  "attainment": t.attainment(now, self.window_s), **t.counts}

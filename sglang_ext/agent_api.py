@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from sglang_ext.admission import Overloaded, TierGate
+from sglang_ext.load_report import CapacityModel
 from sglang_ext.sessions import SessionError, SessionStore
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
@@ -82,7 +83,10 @@ class AgentRegistry:
         self.require_known = bool(prof.get("require_known_agents", False))
         sess = prof.get("sessions") or {}
         self.sessions = SessionStore(ttl_s=sess.get("ttl_s", 600.0), max_sessions=sess.get("max_sessions", 1024))
-        self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)))
+        predict = bool(prof.get("admission_predict", True))
+        self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)),
+                             capacity=CapacityModel.for_profile(prof) if predict else None,
+                             margin=float(prof.get("admission_margin", 0.1)))
 
     def label(self, agent: str) -> str:
         with self.lock:

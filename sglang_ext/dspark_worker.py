@@ -45,6 +45,7 @@ from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.dspark.verify import verify_block
 from sglang_ext.draft_contexts import LazyContexts
 from sglang_ext.draft_gate import DraftGate
+from sglang_ext.load_report import LoadPublisher, report_path
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.radix_walk import radix_continuation, walkable
 from sglang_ext.suffix_index import SessionIndexRegistry
@@ -141,6 +142,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self.tier_policy = TierPolicy.from_env()
         self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
+        self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -477,6 +479,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)
+        self.load.observe(rids, stats.tiers, stats.emitted, self.sps.measured)
         worker_metrics.trace_step(stats)
 
         if on_publish is not None:

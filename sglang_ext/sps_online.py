@@ -104,6 +104,11 @@ class OnlineSPS:
                 return self.seconds[b]
         return 1.0 / self.table(b)
 
+    def measured(self) -> dict[int, float]:
+        """Forward seconds per batch-token count, where enough samples exist."""
+        with self._lock:
+            return {b: s for b, s in self.seconds.items() if self.count.get(b, 0) >= self.min_samples}
+
     def cheapest_width(self, bs: int, width: int, max_width: int) -> tuple[int, float]:
         """(W, seconds): the verify width W in [width, max_width] whose forward over bs x W
         tokens is cheapest. A step that needs `width` positions may run wider, padded: the

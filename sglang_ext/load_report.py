@@ -1,0 +1,172 @@
+"""What the scheduler measures about load, for predictive admission in the HTTP process.
+
+SGLang runs the scheduler (our worker) and the HTTP server in different processes. The
+worker knows what admission needs to predict a tier's speed before admitting one more request:
+- the decode step period at each batch size B (wall time from one decode step to the next
+  while the same requests continue: forward, our drafting, SGLang's result processing and any
+  prefill of newly arrived requests in between — what a user's stream actually waits for);
+- tokens emitted per step per request (τ), per tier, under the current drafting;
+- the forward cost per batch-token count (OnlineSPS), to extrapolate to an unseen B.
+`LoadPublisher` (scheduler) writes them a few times a second as one small JSON file beside
+SGLang's Prometheus multiprocess files; `CapacityModel` (HTTP) reads it and predicts
+
+    speed_U(B) = τ_U / period(B)
+
+for tier U at B running requests: the measured period where B has been seen, else the nearest
+measured period scaled by the forward-cost ratio f(B)/f(b) of the SPS table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+MIN_PERIODS = 3  # samples before a batch size's measured period is used as is
+PRIOR_SLOPE = 0.2  # f(B) = 1 + slope (B - 1) when no forward cost is known (a 2-core CPU's slope)
+
+
+def report_path(profile: dict[str, Any]) -> Optional[Path]:
+    """Where this server's load report lives (None: nowhere to put it, prediction off). One
+    file per port, in SGLang's per-run Prometheus directory or AGENTSERVE_LOAD_DIR."""
+    base = os.environ.get("AGENTSERVE_LOAD_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not base:
+        return None
+    port = (profile.get("server") or {}).get("port", 0)
+    return Path(base) / f"agentserve-load-{port}.json"
+
+
+class LoadPublisher:
+    def __init__(self, path: Optional[Path], every_s: float = 0.25, ema: float = 0.2,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.path, self.every_s, self.ema, self.clock = path, every_s, ema, clock
+        self.period: dict[int, float] = {}
+        self.count: dict[int, int] = {}
+        self.tau: dict[str, float] = {}
+        self.tau_all: Optional[float] = None
+        self._prev: Optional[tuple[float, int, frozenset[str]]] = None
+        self._written = 0.0
+
+    def _mix(self, old: Optional[float], new: float) -> float:
+        return new if old is None else (1 - self.ema) * old + self.ema * new
+
+    def observe(self, rids: list[str], tiers: list[str], emitted: list[int],
+                forward: Callable[[], dict[int, float]]) -> None:
+        """After a decode step: its requests, their tiers and tokens emitted; `forward()` gives
+        the measured forward seconds per batch-token count (called only when writing)."""
+        now = self.clock()
+        cur = frozenset(rids)
+        if self._prev is not None:
+            t, b, prev = self._prev
+            if prev & cur:  # the same streams went on: the gap is what they waited
+                self.period[b] = self._mix(self.period.get(b), now - t)
+                self.count[b] = self.count.get(b, 0) + 1
+        self._prev = (now, len(rids), cur)
+        for tier, n in zip(tiers, emitted):
+            self.tau[tier] = self._mix(self.tau.get(tier), float(n))
+            self.tau_all = self._mix(self.tau_all, float(n))
+        if self.path is not None and now - self._written >= self.every_s:
+            self._written = now
+            self.write(forward())
+
+    def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
+        return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
+                "forward": forward, "time": time.time()}
+
+    def write(self, forward: dict[int, float]) -> None:
+        assert self.path is not None
+        try:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot(forward)))
+            tmp.replace(self.path)
+        except OSError as e:  # prediction is an aid: never let it break a step
+            log.warning("could not write load report %s: %s", self.path, e)
+            self.path = None
+
+
+def _interp(points: dict[int, float], x: float) -> Optional[float]:
+    """Piecewise-linear through measured points, linear extrapolation past the ends."""
+    xs = sorted(points)
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return points[xs[0]] * (1 + PRIOR_SLOPE * (x - 1)) / (1 + PRIOR_SLOPE * (xs[0] - 1))
+    lo, hi = (xs[0], xs[1]) if x <= xs[0] else (xs[-2], xs[-1])
+    for a, b in zip(xs, xs[1:]):
+        if a <= x <= b:
+            lo, hi = a, b
+            break
+    slope = max(0.0, (points[hi] - points[lo]) / (hi - lo))
+    return max(1e-6, points[lo] + slope * (x - lo))
+
+
+class CapacityModel:
+    """Reads the scheduler's load report (re-read at most every `refresh_s`)."""
+
+    def __init__(self, path: Optional[Path], refresh_s: float = 0.2,
+                 locate: Optional[Callable[[], Optional[Path]]] = None) -> None:
+        self.path, self.refresh_s, self.locate = path, refresh_s, locate
+        self._data: Optional[dict[str, Any]] = None
+        self._read_at = -1e9
+
+    @classmethod
+    def for_profile(cls, profile: dict[str, Any]) -> CapacityModel:
+        # SGLang sets PROMETHEUS_MULTIPROC_DIR after our plugin loads: find the file when asked
+        return cls(None, locate=lambda: report_path(profile))
+
+    @classmethod
+    def from_report(cls, data: dict[str, Any]) -> CapacityModel:
+        m = cls(None)
+        m._data = m._parse(data)
+        return m
+
+    @staticmethod
+    def _parse(d: dict[str, Any]) -> dict[str, Any]:
+        return {"period": {int(k): float(v) for k, v in d.get("period", {}).items()},
+                "count": {int(k): int(v) for k, v in d.get("count", {}).items()},
+                "tau": {str(k): float(v) for k, v in d.get("tau", {}).items()},
+                "tau_all": None if d.get("tau_all") is None else float(d["tau_all"]),
+                "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()}}
+
+    def data(self) -> Optional[dict[str, Any]]:
+        if self.path is None and self.locate is not None:
+            self.path = self.locate()
+        if self.path is None:
+            return self._data
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_s:
+            self._read_at = now
+            try:
+                self._data = self._parse(json.loads(self.path.read_text()))
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass  # not written yet (or mid-replace): keep what we had
+        return self._data
+
+    def period(self, b: int) -> Optional[float]:
+        d = self.data()
+        if not d:
+            return None
+        seen = {k: v for k, v in d["period"].items() if d["count"].get(k, 0) >= MIN_PERIODS}
+        if b in seen:
+            return seen[b]
+        if not seen:
+            return None
+        near = min(seen, key=lambda k: (abs(k - b), -k))
+        f_b, f_near = _interp(d["forward"], b), _interp(d["forward"], near)
+        if f_b is None or f_near is None:
+            f_b, f_near = 1 + PRIOR_SLOPE * (b - 1), 1 + PRIOR_SLOPE * (near - 1)
+        return seen[near] * f_b / f_near
+
+    def tau(self, tier: str) -> float:
+        d = self.data() or {}
+        return (d.get("tau") or {}).get(tier) or d.get("tau_all") or 1.0
+
+    def predict(self, tier: str, b: int) -> Optional[float]:
+        """Predicted decode tok/s per user of `tier` with `b` requests running (None: unknown)."""
+        p = self.period(b)
+        return None if p is None else self.tau(tier) / p

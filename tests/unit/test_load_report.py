@@ -1,0 +1,97 @@
+"""Predictive admission: the scheduler's load report, the capacity model and gate rule (c)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sglang_ext.admission import Overloaded, TierGate
+from sglang_ext.load_report import CapacityModel, LoadPublisher, report_path
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 10.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_publisher_measures_period_per_batch_and_tau_per_tier(tmp_path) -> None:
+    clk = Clock()
+    path = tmp_path / "load.json"
+    pub = LoadPublisher(path, every_s=0.0, ema=0.5, clock=clk)
+    forward = {1: 0.03, 8: 0.06}
+    pub.observe(["a"], ["interactive"], [1], lambda: forward)
+    for _ in range(3):  # one stream, a step every 40 ms, 3 tokens a step
+        clk.t += 0.04
+        pub.observe(["a"], ["interactive"], [3], lambda: forward)
+    clk.t += 5.0  # idle, then new streams: the gap is not a period
+    pub.observe(["b", "c"], ["standard", "standard"], [1, 1], lambda: forward)
+    clk.t += 0.1
+    pub.observe(["b", "c"], ["standard", "standard"], [1, 1], lambda: forward)
+    d = json.loads(path.read_text())
+    assert d["count"] == {"1": 3, "2": 1}
+    assert d["period"]["1"] == pytest.approx(0.04) and d["period"]["2"] == pytest.approx(0.1)
+    assert d["tau"]["interactive"] == pytest.approx(3 - 2 * 0.5 ** 3) and d["tau"]["standard"] == pytest.approx(1.0)
+    m = CapacityModel(path)
+    assert m.predict("interactive", 1) == pytest.approx(d["tau"]["interactive"] / 0.04)
+    # B = 2 has too few samples: the measured B = 1 period scaled by the forward-cost ratio
+    assert m.period(2) == pytest.approx(0.04 * (0.03 + 0.03 / 7) / 0.03)
+
+
+def test_capacity_model_extrapolates_and_knows_nothing_without_a_report(tmp_path) -> None:
+    assert CapacityModel(tmp_path / "missing.json").predict("x", 4) is None
+    m = CapacityModel.from_report({"period": {"1": 0.03, "4": 0.05}, "count": {"1": 9, "4": 9},
+                                   "tau": {"interactive": 1.5}, "tau_all": 1.2, "forward": {"1": 0.03, "4": 0.04}})
+    assert m.period(4) == pytest.approx(0.05)
+    assert m.period(8) == pytest.approx(0.05 * (0.04 + 4 * 0.01 / 3) / 0.04)  # forward extrapolated linearly
+    assert m.predict("interactive", 4) == pytest.approx(1.5 / 0.05)
+    assert m.tau("unknown-tier") == 1.2
+    assert report_path({"server": {"port": 31}}) is None or report_path({"server": {"port": 31}}).name == "agentserve-load-31.json"
+
+
+TIERS = [{"name": "interactive", "target_tokens_per_s": 20.0, "priority": 0},
+         {"name": "standard", "target_tokens_per_s": 10.0, "priority": 1, "on_overload": "queue", "queue_timeout_s": 0.3},
+         {"name": "batch", "priority": 2, "on_overload": "reject"}]
+
+
+def test_gate_holds_back_what_would_break_a_promise_before_it_breaks() -> None:
+    # period(B) = 20 ms + 10 ms x B; interactive emits 1.2 tokens a step, standard 1.0
+    report = {"period": {str(b): 0.02 + 0.01 * b for b in range(1, 9)}, "count": {str(b): 9 for b in range(1, 9)},
+              "tau": {"interactive": 1.2, "standard": 1.0, "batch": 1.0}, "forward": {}}
+    cap = CapacityModel.from_report(report)
+
+    async def run() -> None:
+        gate = TierGate(TIERS, capacity=cap, margin=0.1)
+        assert gate.blocked_by("batch") is None  # idle server: always admitted
+        for _ in range(3):
+            await gate.admit("interactive")
+        # 3 running, one more makes B = 4: interactive predicted 1.2 / 0.06 = 20 tok/s < 22 (20 + 10 %): lower tiers wait
+        reason = gate.blocked_by("standard")
+        assert reason is not None and "tier 'interactive' is predicted at 20.0 tok/s" in reason
+        with pytest.raises(Overloaded) as e:
+            await gate.admit("batch")
+        assert e.value.status == 429 and "predicted" in e.value.message
+        # the same tier waits too, rather than slowing the three running ones below target
+        assert "tier 'interactive'" in (gate.blocked_by("interactive") or "")
+        await gate.release("interactive", 25.0)
+        assert gate.blocked_by("standard") is None  # 2 running, B = 3: 1.2 / 0.05 = 24 >= 22
+        await gate.admit("standard")
+        # a promised request is not held back behind less important work that caused the miss
+        assert gate.blocked_by("interactive") is None
+        assert gate.blocked_by("batch") is not None
+
+    asyncio.run(run())
+
+
+def test_gate_without_a_report_is_the_reactive_gate() -> None:
+    async def run() -> None:
+        gate = TierGate(TIERS, capacity=CapacityModel(None))
+        for _ in range(8):
+            await gate.admit("interactive")
+        assert gate.blocked_by("batch") is None
+
+    asyncio.run(run())
