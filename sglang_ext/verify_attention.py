@@ -43,21 +43,35 @@ def verify_forward(backend: Any, q: torch.Tensor, k: torch.Tensor | None, v: tor
     req_to_token = backend.req_to_token_pool.req_to_token
 
     bs = forward_batch.batch_size
-    n = q_.shape[0] // bs
-    seq_lens, slots, attn_masks = _per_forward(forward_batch, req_to_token, bs, n, q_.device, int(layer.layer_id))
+    widths = _widths(forward_batch.spec_info, bs, q_.shape[0])
+    seq_lens, slots, attn_masks = _per_forward(forward_batch, req_to_token, widths, q_.device, int(layer.layer_id))
     gqa = hq != layer.tp_k_head_num
+    start = 0
     for b in range(bs):
+        n = widths[b]
         kk = k_cache[slots[b]].movedim(0, 1).unsqueeze(0)
         vv = v_cache[slots[b]].movedim(0, 1).unsqueeze(0)
-        qq = q_[b * n:(b + 1) * n].movedim(0, 1).unsqueeze(0)
+        qq = q_[start:start + n].movedim(0, 1).unsqueeze(0)
         if kk.dtype != qq.dtype:
             kk, vv = kk.to(qq.dtype), vv.to(qq.dtype)
         o = scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_masks[b], scale=layer.scaling, enable_gqa=gqa)
-        out[b * n:(b + 1) * n] = o.squeeze(0).movedim(0, 1)
+        out[start:start + n] = o.squeeze(0).movedim(0, 1)
+        start += n
     return out.reshape(-1, hq * dv)
 
 
-def _per_forward(forward_batch: Any, req_to_token: torch.Tensor, bs: int, n: int, device: torch.device,
+def _widths(spec_info: Any, bs: int, tokens: int) -> tuple[int, ...]:
+    """Positions per request: uniform (SGLang's layout, tokens = bs x n) unless the producer
+    gives ragged chain widths (`agentserve_widths`, ours): then a request verifies only its
+    own block and a batch of one long copy and seven plain rows costs 1 x w + 7 tokens, not 8 x w."""
+    ragged = getattr(spec_info, "agentserve_widths", None)
+    if ragged is not None:
+        assert len(ragged) == bs and sum(ragged) == tokens, "ragged verify widths do not match the batch"
+        return tuple(int(w) for w in ragged)
+    return (tokens // bs,) * bs
+
+
+def _per_forward(forward_batch: Any, req_to_token: torch.Tensor, widths: tuple[int, ...], device: torch.device,
                  layer_id: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor | None]]:
     """What every layer of one verify forward shares (prefix lengths, KV slots, masks), built
     once per forward rather than once per layer. Layers run in increasing order, so a layer id
@@ -65,24 +79,28 @@ def _per_forward(forward_batch: Any, req_to_token: torch.Tensor, bs: int, n: int
     rebuilds. A one-token block sees the whole prefix and itself: no mask, which lets SDPA
     take its unmasked kernel."""
     cached = getattr(forward_batch, "_agentserve_verify_meta", None)
-    if cached is not None and cached[0] < layer_id and cached[1] == (bs, n):
+    if cached is not None and cached[0] < layer_id and cached[1] == widths:
         forward_batch._agentserve_verify_meta = (layer_id, cached[1], cached[2])
         return cached[2]
+    bs = len(widths)
     seq_lens = [int(x) for x in forward_batch.seq_lens.tolist()]
     rpi = forward_batch.req_pool_indices.tolist()
-    slots = [req_to_token[rpi[b], : seq_lens[b] + n] for b in range(bs)]
+    slots = [req_to_token[rpi[b], : seq_lens[b] + widths[b]] for b in range(bs)]
     attn_masks: list[torch.Tensor | None] = []
-    if n == 1:
-        attn_masks = [None] * bs
-    else:
-        masks = _draft_mask(forward_batch.spec_info, bs, n, device)
-        for b in range(bs):
-            m = torch.ones(n, seq_lens[b] + n, dtype=torch.bool, device=device)
-            m[:, seq_lens[b]:] = masks[b]
-            attn_masks.append(m)
+    uniform = len(set(widths)) == 1
+    masks = (_draft_mask(forward_batch.spec_info, bs, widths[0], device)
+             if uniform and widths[0] > 1 and not hasattr(forward_batch.spec_info, "agentserve_widths") else None)
+    for b, n in enumerate(widths):
+        if n == 1:
+            attn_masks.append(None)
+            continue
+        m = torch.ones(n, seq_lens[b] + n, dtype=torch.bool, device=device)
+        # ragged blocks are chains; a uniform block uses the producer's mask (chain or tree)
+        m[:, seq_lens[b]:] = masks[b] if masks is not None else torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        attn_masks.append(m)
     meta = (seq_lens, slots, attn_masks)
     try:
-        forward_batch._agentserve_verify_meta = (layer_id, (bs, n), meta)
+        forward_batch._agentserve_verify_meta = (layer_id, widths, meta)
     except AttributeError:  # a slotted batch object: recompute per layer
         pass
     return meta

@@ -72,3 +72,38 @@ def test_verify_attention_matches_direct_computation(n: int) -> None:
                 ref = _reference(q[b * n:(b + 1) * n].view(n, H, D), pool, lid, req_to_token[r, :pre + n], pre, chain,
                                  layer.scaling)
                 torch.testing.assert_close(out[b * n:(b + 1) * n], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_chain_widths_match_direct_computation() -> None:
+    """Our ragged layout: request b verifies only widths[b] positions (a chain)."""
+    g = torch.Generator().manual_seed(1)
+    layers, prefixes, widths = 2, [5, 9, 3], [4, 1, 2]
+    bs = len(prefixes)
+    pool = _Pool(96, layers, g)
+    req_to_token = torch.zeros(3, 32, dtype=torch.long)
+    for r in range(3):
+        req_to_token[r, :20] = 30 * r + torch.randperm(30, generator=g)[:20]
+    rpi = torch.tensor([0, 1, 2])
+    out_loc = torch.cat([req_to_token[r, p:p + w] for r, p, w in zip(rpi.tolist(), prefixes, widths)])
+    backend = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                              swa_out_cache_loc=None)
+    fb = SimpleNamespace(batch_size=bs, seq_lens=torch.tensor(prefixes), req_pool_indices=rpi, out_cache_loc=out_loc,
+                         spec_info=SimpleNamespace(custom_mask=None, agentserve_widths=widths))
+    total = sum(widths)
+    for lid in range(layers):
+        layer = SimpleNamespace(layer_id=lid, tp_q_head_num=H, qk_head_dim=D, v_head_dim=D, tp_k_head_num=HKV,
+                                scaling=D ** -0.5)
+        q = torch.randn(total, H * D, generator=g)
+        k = torch.randn(total, HKV * D, generator=g)
+        v = torch.randn(total, HKV * D, generator=g)
+        out = verify_forward(backend, q, k, v, layer, fb)
+        start = 0
+        for b, r in enumerate(rpi.tolist()):
+            n, pre = widths[b], prefixes[b]
+            ref = _reference(q[start:start + n].view(n, H, D), pool, lid, req_to_token[r, :pre + n], pre,
+                             torch.ones(n, n, dtype=torch.bool).tril(), layer.scaling)
+            torch.testing.assert_close(out[start:start + n], ref, atol=1e-5, rtol=1e-5)
+            start += n
+    fb.spec_info.agentserve_widths = [4, 1, 1]  # widths that do not add up to the tokens: refused
+    with pytest.raises(AssertionError):
+        verify_forward(backend, q, k, v, layer, fb)
