@@ -47,6 +47,9 @@ class DrafterSpec(_Strict):
     # How verify lengths are chosen: "tier_aware" (Algorithm 1 with tier weights and caps),
     # "throughput" (the paper's Algorithm 1 alone), "verify_all" (every draft, no scheduler).
     scheduler: Literal["tier_aware", "throughput", "verify_all"] = "tier_aware"
+    # each request verifies only its own 1 + l_r positions (false: every row padded to the
+    # widest, SGLang's uniform TARGET_VERIFY layout)
+    ragged_verify: bool = True
 
     @model_validator(mode="after")
     def _needs_path(self) -> DrafterSpec:

@@ -397,8 +397,10 @@ class AgentMiddleware:
         if not streamed:
             try:
                 data = json.loads(body)
-                tokens = (data.get("usage") or {}).get("completion_tokens") or (data.get("meta_info") or {}).get("completion_tokens")
-            except ValueError:
+                if isinstance(data, dict):  # a batch /generate answers a list: no one user's speed
+                    tokens = ((data.get("usage") or {}).get("completion_tokens")
+                              or (data.get("meta_info") or {}).get("completion_tokens"))
+            except (ValueError, AttributeError):
                 pass
         else:  # a speculative step may stream several tokens in one chunk: prefer the usage block
             tokens = _streamed_usage(tail)

@@ -109,6 +109,16 @@ class OnlineSPS:
         with self._lock:
             return {b: s for b, s in self.seconds.items() if self.count.get(b, 0) >= self.min_samples}
 
+    def cheapest_tokens(self, tokens: int, max_tokens: int) -> tuple[int, float]:
+        """(T, seconds): the batch-token count T in [tokens, max_tokens] whose forward is
+        cheapest (a ragged step may verify more positions where that costs less)."""
+        best_n, best_t = tokens, self.step_seconds(tokens)
+        for n in range(tokens + 1, max_tokens + 1):
+            t = self.step_seconds(n)
+            if t < best_t:
+                best_n, best_t = n, t
+        return best_n, best_t
+
     def cheapest_width(self, bs: int, width: int, max_width: int) -> tuple[int, float]:
         """(W, seconds): the verify width W in [width, max_width] whose forward over bs x W
         tokens is cheapest. A step that needs `width` positions may run wider, padded: the

@@ -30,6 +30,9 @@ def _metrics() -> dict[str, Any] | None:
             "width": Histogram("agentserve:verify_width", "Verify positions per request in a step (1 + max verify length)", buckets=width_buckets),
             "budget": Histogram("agentserve:verify_budget_tokens", "Draft tokens verified in a step, all requests", buckets=[0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256]),
             "req_len": Histogram("agentserve:verify_len_per_request", "Draft tokens verified per request per step", buckets=width_buckets),
+            "tokens": Histogram("agentserve:verify_batch_tokens", "Batch tokens of a verify forward (ragged: sum of each request's 1 + verify length)",
+                                buckets=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256]),
+            "ragged": Counter("agentserve:verify_ragged_steps_total", "Verify steps whose requests ran different widths (each only its own block)"),
             "batch": Histogram("agentserve:spec_batch_size", "Requests per speculative step", buckets=width_buckets),
             "phase": Histogram("agentserve:spec_step_seconds", "Time per speculative step phase", ["phase"],
                                buckets=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]),
@@ -65,6 +68,11 @@ def observe_step(stats: Any) -> None:
     try:
         m["width"].observe(stats.verify_width)
         m["batch"].observe(stats.batch_size)
+        n_tok = getattr(stats, "verify_tokens", 0)
+        if n_tok:
+            m["tokens"].observe(n_tok)
+            if n_tok != stats.verify_width * stats.batch_size:
+                m["ragged"].inc()
         m["budget"].observe(sum(stats.verify_lens))
         sources = stats.sources or ["model"] * len(stats.verify_lens)
         for ell, acc, src in zip(stats.verify_lens, stats.accepted, sources):

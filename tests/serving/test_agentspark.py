@@ -142,6 +142,31 @@ def test_repeated_prompt_drafts_from_the_radix_tree(plain_server, agentspark_ser
     assert again["meta_info"]["spec_accept_length"] > 3.0, again["meta_info"]
 
 
+def _counter(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(requests.get(url + "/metrics", timeout=60).text)
+               for s in fam.samples if s.name == name)
+
+
+def test_concurrent_mixed_widths_identical_to_plain(plain_server, agentspark_server) -> None:
+    # One request repeats an earlier answer (long radix copies) while three new ones decode
+    # beside it in the same batch: ragged verify steps, each request only its own block.
+    import concurrent.futures as cf
+
+    repeat = chat("List five colours of the rainbow, one per line.")
+    fresh = [chat(p) for p in ("Name two planets.", "What is 7 times 8?", "Say hello in French.")]
+    sp = {"temperature": 0, "max_new_tokens": 40}
+    gen(agentspark_server.url, {"text": repeat, "sampling_params": sp})  # now in the radix tree
+    ref = [gen(plain_server.url, {"text": t, "sampling_params": sp})["output_ids"] for t in [repeat] + fresh]
+    before = _counter(agentspark_server.url, "agentserve:verify_ragged_steps_total")
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda t: gen(agentspark_server.url, {"text": t, "sampling_params": sp})["output_ids"],
+                          [repeat] + fresh))
+    assert got == ref
+    assert _counter(agentspark_server.url, "agentserve:verify_ragged_steps_total") > before  # ragged steps ran
+
+
 def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server) -> None:
     # Sampled requests that repeat a prompt: later ones get continuations copied from the radix
     # tree (earlier samples) and verified as deterministic drafts. Two clients at a time keep
