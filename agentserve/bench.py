@@ -38,6 +38,9 @@ SYSTEMS: dict[str, DrafterSpec] = {
     # our worker, model drafts + copied continuations from the session index
     "hybrid": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8,
                           radix_drafting=True),
+    # ablation: hybrid with every row padded to the step's widest (SGLang's uniform verify layout)
+    "hybrid_padded": DrafterSpec(algorithm="agentspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"),
+                                 num_draft_tokens=8, radix_drafting=True, ragged_verify=False),
     # SGLang's own DSPARK worker on the same checkpoint (CUDA/NPU/XPU only: a GPU baseline)
     "upstream": DrafterSpec(algorithm="dspark", path=str(REPO / "drafters" / "smollm2-135m-dspark"), num_draft_tokens=8),
 }

@@ -8,10 +8,13 @@ A request of tier T starts when
       `min_attainment` (0.95).
   (c) predictive (when the scheduler publishes its load report, load_report.py): admitting
       one more request, B+1 running, keeps the predicted speed τ_U / period(B+1) of every
-      tier U with a target that is running (or is T itself) at or above (1 + margin) x U's
-      target, for U as important as T or more. A request of T is still admitted when only
-      less important requests make the prediction fail: those stop being admitted (rule c for
-      them) and drain, so a promised tier never waits behind best-effort work.
+      running tier U with a target more important than T at or above (1 + margin) x U's
+      target; and for T itself (when it has a target), if T's promise holds at the current
+      load, τ_T / period(B) >= target, it must still hold at B+1. A promise already broken
+      at the current load is not served by holding T's own requests back (this machine
+      cannot give T its speed even now; more important tiers still hold lower ones back).
+      A request of T is also admitted when less important requests are running: those stop
+      being admitted and drain, so a promised tier never waits behind best-effort work.
 Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
 waits, in (priority, arrival) order, until (a) and (b) hold, at most `queue_timeout_s`, then
 answers 503. Both errors name the tier and the reason, so a client knows what to back off on.
@@ -99,8 +102,12 @@ class TierGate:
         for u in sorted(self.tiers.values(), key=lambda u: u.priority):
             if u.priority > t.priority or u.target is None or (u.running == 0 and u is not t):
                 continue
-            if u is t and less_important_running:
-                continue  # they drain: rule (c) holds their tiers back while t misses
+            if u.priority == t.priority:
+                if less_important_running:
+                    continue  # they drain: rule (c) holds their tiers back while u misses
+                now_pred = self.capacity.predict(u.name, running)
+                if now_pred is None or now_pred < u.target:
+                    continue  # already below target at this load: holding u back does not keep it
             pred = self.capacity.predict(u.name, b)
             if pred is not None and pred < (1 + self.margin) * u.target:
                 return (f"tier '{u.name}' is predicted at {pred:.1f} tok/s per user with {b} requests running, "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ from sglang_ext.sessions import SessionError, SessionStore
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
+log = logging.getLogger(__name__)
 MAX_AGENTS = int(os.environ.get("AGENTSERVE_MAX_AGENT_LABELS", "32"))
 WINDOW = 256  # recent requests kept per agent for percentiles
 TPS_BUCKETS = [1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 50, 80, 120, 200, 400]
@@ -345,7 +347,11 @@ class AgentMiddleware:
         finally:
             with self.registry.lock:
                 st.running -= 1
-            tps = self._record(st, label, tier, t0, first, chunks[0], status[0], b"".join(body_parts), b"".join(tail))
+            try:
+                tps = self._record(st, label, tier, t0, first, chunks[0], status[0], b"".join(body_parts),
+                                   b"".join(tail))
+            except Exception as e:  # bookkeeping must never leak an admission slot
+                log.warning("agent metrics for a request failed: %s", e)
             await self.registry.gate.release(tier, tps)
 
     def _count_admission(self, tier: str | None, outcome: str) -> None:

@@ -18,6 +18,18 @@ allocator and result processor treat this worker like NGRAM (see algorithms.py).
 
 If the drafter is missing or fails, the step verifies only the anchor (W = 1): plain decoding
 through the same forward, never a wrong token, and `agentserve:drafter_fallback_total` counts it.
+
+Our own sampling (process_logits, verify_block) models temperature, top-p and top-k only. A
+request that needs more of SGLang's sampler (frequency/presence/repetition penalties,
+min_new_tokens, logit_bias, min_p, a custom logit processor, or a sampled request's seed under
+--enable-deterministic-inference) makes its whole step width 1, decided before any drafting,
+and every row's token of that step comes from SGLang's own logits preprocessing
+(SamplingBatchInfo.apply_logits_bias) and Sampler: plain decoding, exactly. Such a request
+therefore never has a multi-token step, so the penalty counts stay exact: SGLang's spec decode
+preparation (eagle_prepare_for_decode) adds one output token, output_ids[-1], per step to the
+penalizer, which counts everything only when every step emits one token (SGLang's own spec
+workers apply penalties "relaxed" for that reason). The prefill's token already comes from
+SGLang's sampler (_extend_step runs the target worker's plain path).
 """
 
 from __future__ import annotations
@@ -80,6 +92,16 @@ def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
         torch.save({"input_ids": list(req.origin_input_ids)[:n], "features": hs[:n].float().cpu()}, path)
 
 
+def _needs_sglang_sampler(req: Any, seeded: bool, custom: bool) -> bool:
+    """Whether the request's next token depends on more than temperature/top-p/top-k (all that
+    process_logits and verify_block model)."""
+    sp = req.sampling_params
+    return bool(sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0 or sp.repetition_penalty != 1.0
+                or sp.min_new_tokens > 0 or sp.logit_bias or sp.min_p > 0.0
+                or (custom and req.custom_logit_processor)
+                or (seeded and sp.top_k > 1))  # a seed changes sampled rows only (greedy: top_k 1)
+
+
 def _prefix_products(conf: list[float]) -> list[float]:
     out, a = [], 1.0
     for c in conf:
@@ -94,6 +116,7 @@ class StepStats:
 
     batch_size: int = 0
     verify_width: int = 1
+    verify_tokens: int = 0  # batch tokens of the verify forward (ragged: sum of 1 + l_r)
     verify_lens: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     draft_s: float = 0.0
@@ -141,6 +164,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self._session_seen: dict[str, float] = {}
         self.tier_policy = TierPolicy.from_env()
         self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
+        self.ragged = bool(drafter_prof.get("ragged_verify", True))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
         self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
 
@@ -269,6 +293,8 @@ class AgentSparkWorker(BaseSpecWorker):
 
     def _extend_step(self, batch: ScheduleBatch, on_publish: Any, pp_proxy_tensors: Any) -> GenerationBatchResult:
         capture = CaptureHiddenMode.FULL if self.drafter is not None and batch.forward_mode.is_extend() else None
+        # The target worker's plain path samples the prefill's token with SGLang's own sampler
+        # (penalties, logit_bias, min_p, seeds included), so this step is plain decoding exactly.
         res = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                           capture_hidden_mode=capture)
         if capture is not None:
@@ -311,6 +337,40 @@ class AgentSparkWorker(BaseSpecWorker):
         return SamplingParams(temp.float().to(self.device), si.top_ps.view(-1).float().to(self.device),
                               top_k.to(self.device)).index(torch.arange(bs, device=self.device))
 
+    def _sampler_rows(self, batch: ScheduleBatch) -> list[int]:
+        """Rows whose next token needs SGLang's own sampler (module docstring). The batch-level
+        flags are checked first, so a batch without those features costs a few attribute reads;
+        the rows are then confirmed per request, since some flags outlive the request that set
+        them (logit_bias and need_min_p_sampling stay set for the batch after it leaves)."""
+        si = batch.sampling_info
+        orch = si.penalizer_orchestrator  # None in the scheduler's forward copy (acc_* hold it)
+        seeded = si.sampling_seed is not None  # only under --enable-deterministic-inference
+        if not (seeded or si.logit_bias is not None or si.need_min_p_sampling or si.has_custom_logit_processor
+                or si.acc_additive_penalties is not None or si.acc_scaling_penalties is not None
+                or (orch is not None and orch.is_required)):
+            return []
+        custom = bool(si.has_custom_logit_processor)
+        return [i for i, r in enumerate(batch.reqs) if _needs_sglang_sampler(r, seeded, custom)]
+
+    def _sglang_sample(self, batch: ScheduleBatch, logits: torch.Tensor, grammar_mask: Any,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """Width-1 next tokens [bs] as SGLang's plain decode picks them (ModelRunner.sample):
+        penalties (the step's accumulated counts), grammar mask, logit_bias, in that order
+        (SamplingBatchInfo.apply_logits_bias), then its Sampler (custom logit processors, greedy
+        or temperature/top-k/top-p/min-p, per-request seeds at the anchor's position)."""
+        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+        si = batch.sampling_info
+        logits = logits.clone()  # the sampler works in place; the step's logits_output stays raw
+        saved, si.grammar_mask = si.grammar_mask, grammar_mask  # this step's mask, where SGLang applies it
+        try:
+            si.apply_logits_bias(logits)
+        finally:
+            si.grammar_mask = saved
+        # No logprobs here: the speculative path returns none either.
+        return self.model_runner.sampler(LogitsProcessorOutput(next_token_logits=logits), si, False, None, None,
+                                         positions).long()
+
     def _decode_step(self, batch: ScheduleBatch, on_publish: Any) -> GenerationBatchResult:
         from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
         stats = StepStats(batch_size=len(batch.reqs))
@@ -327,6 +387,9 @@ class AgentSparkWorker(BaseSpecWorker):
                                dtype=torch.long, device=self.device)
         seq_lens = batch.seq_lens.to(self.device).long()
         sampling = self._sampling(batch)
+        # A request needing SGLang's sampler: the whole step is width 1, no row drafts
+        # (decided here, before any drafting, so it stays lossless); see the module docstring.
+        sampler_rows = self._sampler_rows(batch)
 
         # 1-2. propose (copy or model, per request), then schedule. Any drafter failure: the
         # model rows verify the anchor only.
@@ -336,6 +399,8 @@ class AgentSparkWorker(BaseSpecWorker):
         gated = self.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
         model_rows = ([i for i in range(bs) if i not in copy_rows and (not gated or self.gate.pays(rids[i]))]
                       if self.drafter is not None and self.block > 0 else [])
+        if sampler_rows:
+            copy_rows, model_rows = [], []
         best_w = self._best_width(decisions, copy_rows, model_rows, rids, bs) if gated and (copy_rows or model_rows) else 0
         if gated and best_w <= 1:
             copy_rows, model_rows = [], []  # this step decodes plainly (decided before any drafting)
@@ -380,7 +445,9 @@ class AgentSparkWorker(BaseSpecWorker):
             if cap is not None:
                 max_len = torch.minimum(max_len, cap)
         t1 = time.perf_counter()
-        if self.scheduler_mode == "verify_all":  # baseline: every proposed draft, no scheduling
+        if sampler_rows:  # width 1: nothing to schedule
+            lens = torch.zeros(bs, dtype=torch.long)
+        elif self.scheduler_mode == "verify_all":  # baseline: every proposed draft, no scheduling
             lens = max_len.clone()
         elif copy_rows and not model_rows:
             # Copied drafts only: every input is known before sampling, so the width that
@@ -392,20 +459,28 @@ class AgentSparkWorker(BaseSpecWorker):
         else:
             lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
                     else torch.zeros(0, dtype=torch.long))
-            if copy_rows and bs:
+            if copy_rows and bs and not self.ragged:
                 # copy rows ride along up to the step's width for free (deterministic drafts)
                 wide = int(lens.max())
                 for i in copy_rows:
                     lens[i] = min(int(max_len[i]), max(int(lens[i]), wide))
+        ragged = self.ragged and not batch.has_grammar  # the grammar mask walks a uniform tree
+        if gated and ragged and bs:
+            lens = self._fill_to_cheapest(lens, max_len, conf)
         stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
         stats.sources = [("radix" if decisions[i].origin == "radix" else "copy") if i in copy_rows  # type: ignore[union-attr]
                          else "model" if i in model_rows else "none" for i in range(bs)]
 
         width = 1 + int(lens.max()) if bs else 1
-        if gated and width > 1:
+        if gated and width > 1 and not ragged:
             # pad to the cheapest width at or above the needed one (measured step costs)
             width = self.sps.cheapest_width(bs, width, g + 1)[0]
-        stats.verify_width, stats.verify_lens = width, lens.tolist()
+        # Ragged: request r runs 1 + l_r positions, so the forward costs SPS at sum(1 + l_r)
+        # tokens (the paper's B), not bs x width; uniform when every row needs the same.
+        widths = (lens + 1).tolist() if ragged and bs else [width] * bs
+        ragged = ragged and len(set(widths)) > 1
+        n_tokens = sum(widths)
+        stats.verify_width, stats.verify_lens, stats.verify_tokens = width, lens.tolist(), n_tokens
         if worker_metrics.tracing():  # only the step trace reads it
             stats.expected = [sum(_prefix_products(conf[i, : int(lens[i])].tolist())) if i in copy_rows
                               else min(self.gate.expected(rids[i]), float(lens[i])) if i in model_rows else 0.0
@@ -414,13 +489,21 @@ class AgentSparkWorker(BaseSpecWorker):
         # 3. verify: [anchor, x_1 .. x_{W-1}] per request, chain mask
         tokens = torch.cat([anchors[:, None], drafts[:, : width - 1]], dim=1)
         chain = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        positions = (seq_lens[:, None] + torch.arange(width, device=self.device)).flatten()
+        positions = (seq_lens[:, None] + torch.arange(width, device=self.device))
         batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.input_ids = tokens.flatten().to(torch.int64)
-        batch.out_cache_loc = assign_extend_cache_locs_func(
-            req_pool_indices=batch.req_pool_indices, req_to_token=batch.req_to_token_pool.req_to_token,
-            start_offset=batch.seq_lens, end_offset=batch.seq_lens + width, batch_size=bs,
-            draft_token_num=width, device=self.device)
+        if ragged:
+            keep = torch.arange(width, device=self.device)[None, :] < torch.tensor(widths, device=self.device)[:, None]
+            rpi = batch.req_pool_indices.to(self.device).long()
+            batch.input_ids = tokens[keep].to(torch.int64)
+            batch.out_cache_loc = batch.req_to_token_pool.req_to_token[rpi[:, None], positions][keep].to(torch.int64)
+            positions = positions[keep]
+        else:
+            batch.input_ids = tokens.flatten().to(torch.int64)
+            positions = positions.flatten()
+            batch.out_cache_loc = assign_extend_cache_locs_func(
+                req_pool_indices=batch.req_pool_indices, req_to_token=batch.req_to_token_pool.req_to_token,
+                start_offset=batch.seq_lens, end_offset=batch.seq_lens + width, batch_size=bs,
+                draft_token_num=width, device=self.device)
         nxt = torch.arange(1, width + 1, device=self.device)
         nxt[-1] = -1
         verify_input = NgramVerifyInput(
@@ -430,27 +513,38 @@ class AgentSparkWorker(BaseSpecWorker):
             retrieve_next_sibling=torch.full((bs, width), -1, dtype=torch.long, device=self.device),
             draft_token_num=width)
         verify_input.capture_hidden_mode = CaptureHiddenMode.FULL if self.drafter is not None else CaptureHiddenMode.NULL
+        if ragged:
+            verify_input.custom_mask = None
+            verify_input.agentserve_widths = widths  # read by verify_attention.py
         batch.spec_info = verify_input
 
         t0 = time.perf_counter()
         res = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits = res.logits_output.next_token_logits.float()
         grammar_mask = self._grammar_mask(batch, tokens, width) if batch.has_grammar else None
-        if grammar_mask is not None:
-            grammar_mask.apply(logits)
-        p = process_logits(logits.view(bs * width, -1), sampling.expand(width)).view(bs, width, -1)
         greedy = sampling.is_greedy
-        if width > 1:
-            vr = verify_block(drafts[:, : width - 1], p, None if q_probs is None else q_probs[:, : width - 1],
-                              verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
-            emitted = vr.tokens  # accepted drafts + bonus (no bonus after an accepted EOS)
-        else:  # nothing verified this step: plain decoding of one token
-            nxt = p[:, 0].argmax(-1)
-            if not bool(greedy.all()):  # sample only where a request samples
-                nxt = torch.where(greedy, nxt, sample_from_probs(p[:, 0], self.generator))
-            emitted = [[int(t)] for t in nxt.tolist()]
+        if sampler_rows:  # width 1: every row's token from SGLang's own sampler, as plain decoding
+            emitted = [[int(t)] for t in self._sglang_sample(batch, logits, grammar_mask, seq_lens).tolist()]
+        else:
+            if grammar_mask is not None:
+                grammar_mask.apply(logits)
+            if ragged:  # back to [bs, width, V]; positions past a row's width are never read
+                rows = torch.repeat_interleave(torch.arange(bs, device=self.device), torch.tensor(widths, device=self.device))
+                p = logits.new_zeros(bs, width, logits.shape[-1])
+                p[keep] = process_logits(logits, sampling.index(rows))
+            else:
+                p = process_logits(logits.view(bs * width, -1), sampling.expand(width)).view(bs, width, -1)
+            if width > 1:
+                vr = verify_block(drafts[:, : width - 1], p, None if q_probs is None else q_probs[:, : width - 1],
+                                  verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
+                emitted = vr.tokens  # accepted drafts + bonus (no bonus after an accepted EOS)
+            else:  # nothing verified this step: plain decoding of one token
+                nxt = p[:, 0].argmax(-1)
+                if not bool(greedy.all()):  # sample only where a request samples
+                    nxt = torch.where(greedy, nxt, sample_from_probs(p[:, 0], self.generator))
+                emitted = [[int(t)] for t in nxt.tolist()]
         stats.verify_s = time.perf_counter() - t0
-        self.sps.observe(bs * width, stats.verify_s)
+        self.sps.observe(n_tokens, stats.verify_s)
         self.gate.observe_times(width, bs, stats.verify_s, len(model_rows), stats.draft_s)
 
         accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
@@ -466,10 +560,12 @@ class AgentSparkWorker(BaseSpecWorker):
 
         # 4. drafter context: target features of the committed positions
         if self.drafter is not None and res.logits_output.hidden_states is not None:
-            hs = res.logits_output.hidden_states.view(bs, width, -1)
+            hs = res.logits_output.hidden_states
             try:
+                start = 0
                 for i, rid in enumerate(rids):
-                    self._append(rid, hs[i, : int(accept_lens[i])], int(seq_lens[i]))
+                    self._append(rid, hs[start:start + int(accept_lens[i])], int(seq_lens[i]))
+                    start += widths[i]
             except Exception as e:
                 self._drafter_failed(e)
         stats.accepted = num_correct.tolist()
@@ -515,11 +611,34 @@ class AgentSparkWorker(BaseSpecWorker):
         t_draft = (self.gate.t_draft or 0.0) * len(model_rows)
         for w in range(2, widest + 2):
             gain = sum(sum(pp[: w - 1]) for pp in copy_pp) + sum(min(e, w - 1) for e in model_e)
-            # the step runs at the cheapest width >= w (padded), see OnlineSPS.cheapest_width
-            rate = (bs + gain) / (self.sps.cheapest_width(bs, w, self.copy_block + 1)[1] + t_draft)
+            if self.ragged:  # only rows with drafts grow: bs + their positions
+                n = bs + sum(min(len(pp), w - 1) for pp in copy_pp) + len(model_rows) * min(self.block, w - 1)
+                t = self.sps.cheapest_tokens(n, bs * (self.copy_block + 1))[1]
+            else:  # every row padded to w: the cheapest width >= w, see OnlineSPS.cheapest_width
+                t = self.sps.cheapest_width(bs, w, self.copy_block + 1)[1]
+            rate = (bs + gain) / (t + t_draft)
             if rate > best_rate:
                 best_rate, best_w = rate, w
         return best_w
+
+    def _fill_to_cheapest(self, lens: torch.Tensor, max_len: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        """Ragged steps: when a larger batch-token count costs less (measured; a CPU's matmul
+        kernels change with the row count), verify more of the drafts already proposed, best
+        survival first, up to that count. Uses only pre-sampling inputs (lengths, confidences,
+        costs), so it stays lossless."""
+        n = int(lens.sum()) + len(lens)
+        target = self.sps.cheapest_tokens(n, len(lens) * (self.copy_block + 1))[0]
+        if target <= n:
+            return lens
+        lens = lens.clone()
+        surv = torch.cumprod(conf.double().clamp(0, 1), dim=1)
+        for _ in range(target - n):
+            room = [i for i in range(len(lens)) if int(lens[i]) < int(max_len[i])]
+            if not room:
+                break
+            i = max(room, key=lambda r: float(surv[r, int(lens[r])]))
+            lens[i] += 1
+        return lens
 
     def _learn(self, batch: ScheduleBatch, decisions: list[Optional[HybridDecision]], stats: StepStats,
                emitted: list[list[int]], conf: torch.Tensor, greedy: torch.Tensor) -> None:
