@@ -12,13 +12,16 @@ under --enable-deterministic-inference, which the CPU's torch_native backend doe
 from __future__ import annotations
 
 import concurrent.futures as cf
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import requests
 
-from conftest import _server
+from agentserve.procs import ServerProcess
+from agentserve.profile import load_profile
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
 
 PROMPT = "Count from 1 to 20: 1, 2, 3,"
@@ -27,6 +30,18 @@ CHAT = "Give me three tips for sleeping better."
 
 def chat(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _server(profile_file: str, name: str, **overrides: object) -> Iterator[ServerProcess]:
+    """A server of its own for this module (logs beside the shared pair's, other names)."""
+    logs = REPO / ".pytest_cache" / "server-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    prof = load_profile(REPO / "tests" / "profiles" / profile_file).model_copy(update={"name": name, **overrides})
+    srv = ServerProcess(prof, log_path=logs / f"{name}.log").start(timeout=900)
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
