@@ -4,24 +4,17 @@ same request, also for a request without those features decoded in the same batc
 
 Each featured request is checked to really change plain SGLang's output (against its
 feature-free twin in the batch), so a worker that ignored the feature would fail here.
-The servers run without tier admission: its load-based queueing (a 503 after a timeout on a
-busy CPU) is not under test here, and the requests of a batch must all start together.
+The servers are the suite's shared plain/AGENTSPARK pair.
 Per-request seeds are routed the same way but not tested: SGLang honours sampling_seed only
 under --enable-deterministic-inference, which the CPU's torch_native backend does not allow."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
 
-from agentserve.procs import ServerProcess
-from agentserve.profile import load_profile
-
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
 
 PROMPT = "Count from 1 to 20: 1, 2, 3,"
@@ -32,26 +25,14 @@ def chat(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _server(profile_file: str, name: str, **overrides: object) -> Iterator[ServerProcess]:
-    """A server of its own for this module (logs beside the shared pair's, other names)."""
-    logs = REPO / ".pytest_cache" / "server-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    prof = load_profile(REPO / "tests" / "profiles" / profile_file).model_copy(update={"name": name, **overrides})
-    srv = ServerProcess(prof, log_path=logs / f"{name}.log").start(timeout=900)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+@pytest.fixture(scope="module")
+def plain_srv(plain_server):  # the shared pair: a second pair would hold 4 servers' memory at once
+    return plain_server
 
 
 @pytest.fixture(scope="module")
-def plain_srv() -> Iterator:
-    yield from _server("plain-fp32.yaml", name="test-plain-fp32-sampler", admission_control=False)
-
-
-@pytest.fixture(scope="module")
-def spark_srv(plain_srv) -> Iterator:  # started after plain: one server starting at a time
-    yield from _server("agentspark-fp32.yaml", name="test-agentspark-fp32-sampler", admission_control=False)
+def spark_srv(agentspark_server):
+    return agentspark_server
 
 
 def gen(url: str, texts: list[str], params: list[dict]) -> list[list[int]]:
