@@ -626,6 +626,8 @@ class AgentSparkWorker(BaseSpecWorker):
         kernels change with the row count), verify more of the drafts already proposed, best
         survival first, up to that count. Uses only pre-sampling inputs (lengths, confidences,
         costs), so it stays lossless."""
+        if not bool((max_len > lens).any()):
+            return lens  # no proposed draft left to add (every plain step): skip the cost scan
         n = int(lens.sum()) + len(lens)
         target = self.sps.cheapest_tokens(n, len(lens) * (self.copy_block + 1))[0]
         if target <= n:

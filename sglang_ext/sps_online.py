@@ -109,23 +109,22 @@ class OnlineSPS:
         with self._lock:
             return {b: s for b, s in self.seconds.items() if self.count.get(b, 0) >= self.min_samples}
 
+    def _cheapest(self, counts: range, scale: int = 1) -> tuple[int, float]:
+        """(c, seconds): the first c in `counts` whose forward over c x scale tokens is cheapest."""
+        best_c, best_t = counts[0], self.step_seconds(counts[0] * scale)
+        for c in counts[1:]:
+            t = self.step_seconds(c * scale)
+            if t < best_t:
+                best_c, best_t = c, t
+        return best_c, best_t
+
     def cheapest_tokens(self, tokens: int, max_tokens: int) -> tuple[int, float]:
         """(T, seconds): the batch-token count T in [tokens, max_tokens] whose forward is
         cheapest (a ragged step may verify more positions where that costs less)."""
-        best_n, best_t = tokens, self.step_seconds(tokens)
-        for n in range(tokens + 1, max_tokens + 1):
-            t = self.step_seconds(n)
-            if t < best_t:
-                best_n, best_t = n, t
-        return best_n, best_t
+        return self._cheapest(range(tokens, max(tokens, max_tokens) + 1))
 
     def cheapest_width(self, bs: int, width: int, max_width: int) -> tuple[int, float]:
         """(W, seconds): the verify width W in [width, max_width] whose forward over bs x W
         tokens is cheapest. A step that needs `width` positions may run wider, padded: the
         extra positions are never verified, so the result is the same and only the cost moves."""
-        best_w, best_t = width, self.step_seconds(bs * width)
-        for w in range(width + 1, max_width + 1):
-            t = self.step_seconds(bs * w)
-            if t < best_t:
-                best_w, best_t = w, t
-        return best_w, best_t
+        return self._cheapest(range(width, max(width, max_width) + 1), scale=bs)
