@@ -353,7 +353,7 @@ class AgentSparkWorker(BaseSpecWorker):
         return [i for i, r in enumerate(batch.reqs) if _needs_sglang_sampler(r, seeded, custom)]
 
     def _sglang_sample(self, batch: ScheduleBatch, logits: torch.Tensor, grammar_mask: Any,
-                       positions: torch.Tensor) -> torch.Tensor:
+                       positions: torch.Tensor, out: Any) -> torch.Tensor:
         """Width-1 next tokens [bs] as SGLang's plain decode picks them (ModelRunner.sample):
         penalties (the step's accumulated counts), grammar mask, logit_bias, in that order
         (SamplingBatchInfo.apply_logits_bias), then its Sampler (custom logit processors, greedy
@@ -367,9 +367,47 @@ class AgentSparkWorker(BaseSpecWorker):
             si.apply_logits_bias(logits)
         finally:
             si.grammar_mask = saved
-        # No logprobs here: the speculative path returns none either.
-        return self.model_runner.sampler(LogitsProcessorOutput(next_token_logits=logits), si, False, None, None,
-                                         positions).long()
+        lo = LogitsProcessorOutput(next_token_logits=logits)
+        want = bool(batch.return_logprob)
+        nxt = self.model_runner.sampler(lo, si, want, batch.top_logprobs_nums if want else None,
+                                        batch.token_ids_logprobs if want else None, positions).long()
+        if want:  # the speculative layout: [bs, width 1]; top-k lists flat at i * 1 + 0
+            out.next_token_logprobs = lo.next_token_logprobs.view(-1, 1)
+            out.next_token_top_logprobs_val, out.next_token_top_logprobs_idx = (
+                lo.next_token_top_logprobs_val, lo.next_token_top_logprobs_idx)
+            out.next_token_token_ids_logprobs_val, out.next_token_token_ids_logprobs_idx = (
+                lo.next_token_token_ids_logprobs_val, lo.next_token_token_ids_logprobs_idx)
+        return nxt
+
+    def _write_logprobs(self, batch: ScheduleBatch, logits: torch.Tensor, widths: list[int], width: int,
+                        emitted: list[list[int]], sampling: SamplingParams, out: Any) -> None:
+        """Logprobs of every emitted token, as plain decoding's Sampler computes them: the
+        log-softmax of the logits at the position that emitted the token, divided by the
+        request's temperature where it samples (greedy rows, or SGLANG_RETURN_ORIGINAL_LOGPROB:
+        the raw logits). Written in SGLang's speculative layout, which its output processor
+        reads: next_token_logprobs [bs, width], top-k and token-id lists flat at i * width + j.
+        The tokens are already chosen, so this changes no output."""
+        from sglang.srt.layers.logprob_processor import OutputLogprobProcessor
+        from sglang.srt.layers.sampler import SGLANG_RETURN_ORIGINAL_LOGPROB
+
+        bs = len(widths)
+        starts = [0]
+        for w in widths[:-1]:
+            starts.append(starts[-1] + w)
+        src = torch.tensor([starts[i] + min(j, widths[i] - 1) for i in range(bs) for j in range(width)],
+                           device=logits.device)
+        rows = logits[src].float()
+        if not SGLANG_RETURN_ORIGINAL_LOGPROB:
+            t = sampling.temperature.to(rows.device).float()
+            t = torch.where(t > 0, t, torch.ones_like(t)).repeat_interleave(width)
+            rows = rows / t[:, None]
+        lp = torch.log_softmax(rows, dim=-1)
+        toks = torch.tensor([e[j] if j < len(e) else 0 for e in emitted for j in range(width)], device=lp.device)
+        tops = [n for n in (batch.top_logprobs_nums or [0] * bs) for _ in range(width)]
+        ids = [x for x in (batch.token_ids_logprobs or [None] * bs) for _ in range(width)]
+        res = OutputLogprobProcessor().compute_logprobs(lp, tops, ids, toks)
+        res.write_output_to(out)
+        out.next_token_logprobs = out.next_token_logprobs.view(bs, width)
 
     def _decode_step(self, batch: ScheduleBatch, on_publish: Any) -> GenerationBatchResult:
         from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
@@ -524,7 +562,8 @@ class AgentSparkWorker(BaseSpecWorker):
         grammar_mask = self._grammar_mask(batch, tokens, width) if batch.has_grammar else None
         greedy = sampling.is_greedy
         if sampler_rows:  # width 1: every row's token from SGLang's own sampler, as plain decoding
-            emitted = [[int(t)] for t in self._sglang_sample(batch, logits, grammar_mask, seq_lens).tolist()]
+            emitted = [[int(t)] for t in self._sglang_sample(batch, logits, grammar_mask, seq_lens,
+                                                             res.logits_output).tolist()]
         else:
             if grammar_mask is not None:
                 grammar_mask.apply(logits)
@@ -543,6 +582,8 @@ class AgentSparkWorker(BaseSpecWorker):
                 if not bool(greedy.all()):  # sample only where a request samples
                     nxt = torch.where(greedy, nxt, sample_from_probs(p[:, 0], self.generator))
                 emitted = [[int(t)] for t in nxt.tolist()]
+        if batch.return_logprob and not sampler_rows:  # (SGLang's sampler wrote them above)
+            self._write_logprobs(batch, logits, widths, width, emitted, sampling, res.logits_output)
         stats.verify_s = time.perf_counter() - t0
         self.sps.observe(n_tokens, stats.verify_s)
         self.gate.observe_times(width, bs, stats.verify_s, len(model_rows), stats.draft_s)
