@@ -144,7 +144,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self.last = StepStats()
         self.drafter: Optional[DSparkDrafter] = None
         self.drafter_error: Optional[str] = None
-        self.sps = OnlineSPS.for_model(str(server_args.model_path))
+        self.sps = OnlineSPS.for_model(str(server_args.model_path), str(server_args.dtype))
         prof = _profile()
         drafter_prof, session_prof = prof.get("drafter") or {}, prof.get("sessions") or {}
         self._load_drafter(drafter_prof.get("path") or get_spec().speculative_draft_model_path)
@@ -424,6 +424,7 @@ class AgentSparkWorker(BaseSpecWorker):
         anchors = torch.tensor([r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1] for r in batch.reqs],
                                dtype=torch.long, device=self.device)
         seq_lens = batch.seq_lens.to(self.device).long()
+        kv = float(seq_lens.sum()) if bs else 0.0  # K/V positions this step's queries read (cost model)
         sampling = self._sampling(batch)
         # A request needing SGLang's sampler: the whole step is width 1, no row drafts
         # (decided here, before any drafting, so it stays lossless); see the module docstring.
@@ -439,7 +440,7 @@ class AgentSparkWorker(BaseSpecWorker):
                       if self.drafter is not None and self.block > 0 else [])
         if sampler_rows:
             copy_rows, model_rows = [], []
-        best_w = self._best_width(decisions, copy_rows, model_rows, rids, bs) if gated and (copy_rows or model_rows) else 0
+        best_w = self._best_width(decisions, copy_rows, model_rows, rids, bs, kv) if gated and (copy_rows or model_rows) else 0
         if gated and best_w <= 1:
             copy_rows, model_rows = [], []  # this step decodes plainly (decided before any drafting)
         drafts = torch.zeros(bs, g, dtype=torch.long, device=self.device)
@@ -495,7 +496,7 @@ class AgentSparkWorker(BaseSpecWorker):
             # 2 tokens cost about what 8 do) it would never take the first token.
             lens = torch.clamp(max_len, max=best_w - 1)
         else:
-            lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps) if bs
+            lens = (schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), self.sps.at(kv)) if bs
                     else torch.zeros(0, dtype=torch.long))
             if copy_rows and bs and not self.ragged:
                 # copy rows ride along up to the step's width for free (deterministic drafts)
@@ -504,7 +505,7 @@ class AgentSparkWorker(BaseSpecWorker):
                     lens[i] = min(int(max_len[i]), max(int(lens[i]), wide))
         ragged = self.ragged and not batch.has_grammar  # the grammar mask walks a uniform tree
         if gated and ragged and bs:
-            lens = self._fill_to_cheapest(lens, max_len, conf)
+            lens = self._fill_to_cheapest(lens, max_len, conf, kv)
         stats.draft_s, stats.schedule_s = t1 - t0, time.perf_counter() - t1
         stats.sources = [("radix" if decisions[i].origin == "radix" else "copy") if i in copy_rows  # type: ignore[union-attr]
                          else "model" if i in model_rows else "none" for i in range(bs)]
@@ -512,7 +513,7 @@ class AgentSparkWorker(BaseSpecWorker):
         width = 1 + int(lens.max()) if bs else 1
         if gated and width > 1 and not ragged:
             # pad to the cheapest width at or above the needed one (measured step costs)
-            width = self.sps.cheapest_width(bs, width, g + 1)[0]
+            width = self.sps.cheapest_width(bs, width, g + 1, kv)[0]
         # Ragged: request r runs 1 + l_r positions, so the forward costs SPS at sum(1 + l_r)
         # tokens (the paper's B), not bs x width; uniform when every row needs the same.
         widths = (lens + 1).tolist() if ragged and bs else [width] * bs
@@ -585,7 +586,7 @@ class AgentSparkWorker(BaseSpecWorker):
         if batch.return_logprob and not sampler_rows:  # (SGLang's sampler wrote them above)
             self._write_logprobs(batch, logits, widths, width, emitted, sampling, res.logits_output)
         stats.verify_s = time.perf_counter() - t0
-        self.sps.observe(n_tokens, stats.verify_s)
+        self.sps.observe(n_tokens, stats.verify_s, kv)
         self.gate.observe_times(width, bs, stats.verify_s, len(model_rows), stats.draft_s)
 
         accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
@@ -632,7 +633,7 @@ class AgentSparkWorker(BaseSpecWorker):
         )
 
     def _best_width(self, decisions: list[Optional[HybridDecision]], copy_rows: list[int], model_rows: list[int],
-                    rids: list[str], bs: int) -> int:
+                    rids: list[str], bs: int, kv: float = 0.0) -> int:
         """Batch-level cost check before drafting: the verify width W (1 = decode plainly) with
         the most expected tokens per second. Every row of a verify step is padded to the widest
         row, so the step costs SPS at bs x W. Expected tokens at width W: each copy row's sum of
@@ -641,7 +642,7 @@ class AgentSparkWorker(BaseSpecWorker):
         copy rows often do). Pre-sampling information only (copy confidences are deterministic
         given the context; the model's expectation is its past acceptance), so verification
         stays lossless."""
-        best_rate, best_w = bs / self.sps.step_seconds(bs), 1
+        best_rate, best_w = bs / self.sps.step_seconds(bs, kv), 1
         copy_pp = []
         for i in copy_rows:
             d = decisions[i]
@@ -654,15 +655,16 @@ class AgentSparkWorker(BaseSpecWorker):
             gain = sum(sum(pp[: w - 1]) for pp in copy_pp) + sum(min(e, w - 1) for e in model_e)
             if self.ragged:  # only rows with drafts grow: bs + their positions
                 n = bs + sum(min(len(pp), w - 1) for pp in copy_pp) + len(model_rows) * min(self.block, w - 1)
-                t = self.sps.cheapest_tokens(n, bs * (self.copy_block + 1))[1]
+                t = self.sps.cheapest_tokens(n, bs * (self.copy_block + 1), kv)[1]
             else:  # every row padded to w: the cheapest width >= w, see OnlineSPS.cheapest_width
-                t = self.sps.cheapest_width(bs, w, self.copy_block + 1)[1]
+                t = self.sps.cheapest_width(bs, w, self.copy_block + 1, kv)[1]
             rate = (bs + gain) / (t + t_draft)
             if rate > best_rate:
                 best_rate, best_w = rate, w
         return best_w
 
-    def _fill_to_cheapest(self, lens: torch.Tensor, max_len: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+    def _fill_to_cheapest(self, lens: torch.Tensor, max_len: torch.Tensor, conf: torch.Tensor,
+                          kv: float = 0.0) -> torch.Tensor:
         """Ragged steps: when a larger batch-token count costs less (measured; a CPU's matmul
         kernels change with the row count), verify more of the drafts already proposed, best
         survival first, up to that count. Uses only pre-sampling inputs (lengths, confidences,
@@ -670,7 +672,7 @@ class AgentSparkWorker(BaseSpecWorker):
         if not bool((max_len > lens).any()):
             return lens  # no proposed draft left to add (every plain step): skip the cost scan
         n = int(lens.sum()) + len(lens)
-        target = self.sps.cheapest_tokens(n, len(lens) * (self.copy_block + 1))[0]
+        target = self.sps.cheapest_tokens(n, len(lens) * (self.copy_block + 1), kv)[0]
         if target <= n:
             return lens
         lens = lens.clone()

@@ -1,10 +1,22 @@
 """SPS(B) measured on the live target: every verify forward is timed at its real batch-token
 count B, in the real engine, and folded into a monotone table (sglang_ext.dspark.sps.SPSTable).
 
+A step's cost also grows with the context its queries attend to: on this CPU eight agents with
+1k-token histories spend about 0.3 s of a 0.35 s step reading K/V, whatever B is. A table keyed
+on B alone mixes steps of short chats with steps of long agent turns and then prices the extra
+positions of a long-context step wrongly. So each step also records its K/V length (the sum of
+the batch's sequence lengths) and the model is
+
+    t(B, kv) = f(B) + c * kv
+
+where c is fitted from the variation of kv among steps with the same B (a within-bucket
+regression, so f may keep any shape in B) and f(B) is each bucket's mean time less c times its
+mean kv. Decisions for one step compare B's at that step's kv.
+
 Until a bucket has enough samples the table falls back to a prior cost model (time grows
 linearly in B with slope `prior_slope` per token relative to a 1-token step; 1/7 matches the
 verify(8)/verify(1) ≈ 2 measured for the bundled model in fp32 on this CPU). The table is cached
-on disk per model and machine, so a restarted server starts from what it learned.
+on disk per model, dtype and machine, so a restarted server starts from what it learned.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import json
 import logging
 import os
 import threading
+from collections import deque
 from pathlib import Path
 
 from sglang_ext.dspark.sps import SPSTable, cache_key
@@ -27,12 +40,17 @@ class OnlineSPS:
     rebuild_every = 16
     save_every = 128
 
+    window = 512  # recent steps the K/V slope is fitted on
+
     def __init__(self, path: Path | None, prior_slope: float = 1 / 7, ema: float = 0.1):
         self.path = path
         self.prior_slope = prior_slope
         self.ema = ema
-        self.seconds: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}  # EMA of measured seconds per B (raw)
+        self.kv: dict[int, float] = {}  # EMA of those steps' K/V lengths
         self.count: dict[int, int] = {}
+        self.kv_slope = 0.0  # c: seconds per K/V token read, fitted
+        self._recent: deque[tuple[int, float, float]] = deque(maxlen=self.window)
         self._n = 0
         self._lock = threading.Lock()
         self.table = self._prior()
@@ -41,24 +59,31 @@ class OnlineSPS:
                 d = json.loads(path.read_text())
                 self.seconds = {int(k): float(v) for k, v in d["seconds"].items()}
                 self.count = {int(k): int(v) for k, v in d["count"].items()}
+                self.kv = {int(k): float(v) for k, v in d.get("kv", {}).items()}
+                self.kv_slope = max(0.0, float(d.get("kv_slope", 0.0)))
                 self._rebuild()
             except (OSError, ValueError, KeyError) as e:
                 log.warning("ignoring unreadable SPS cache %s: %s", path, e)
 
     @classmethod
-    def for_model(cls, model_id: str) -> OnlineSPS:
-        return cls(CACHE_DIR / f"sps-online-{cache_key(model_id)}.json")
+    def for_model(cls, model_id: str, dtype: str = "") -> OnlineSPS:
+        # dtype in the key: an fp32 server's costs are not a bf16 one's
+        return cls(CACHE_DIR / f"sps-online-{cache_key(model_id + ('|' + dtype if dtype else ''))}.json")
 
     def _prior(self, t1: float = 1.0) -> SPSTable:
         bs = [1, 2, 4, 8, 16, 32, 64, 128]
         return SPSTable(bs, [1.0 / (t1 * (1 + self.prior_slope * (b - 1))) for b in bs])
 
-    def observe(self, b: int, seconds: float) -> None:
+    def observe(self, b: int, seconds: float, kv: float = 0.0) -> None:
+        """One forward of b batch tokens took `seconds`; its queries read `kv` K/V positions."""
         if b < 1 or seconds <= 0:
             return
         with self._lock:
             old = self.seconds.get(b)
             self.seconds[b] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+            okv = self.kv.get(b)
+            self.kv[b] = float(kv) if okv is None else (1 - self.ema) * okv + self.ema * float(kv)
+            self._recent.append((b, float(kv), seconds))
             self.count[b] = self.count.get(b, 0) + 1
             self._n += 1
             if self._n % self.rebuild_every == 0:
@@ -66,15 +91,40 @@ class OnlineSPS:
             if self._n % self.save_every == 0:
                 self.save()
 
+    def _fit_kv_slope(self) -> None:
+        """c from steps of equal B: sum(dkv * dt) / sum(dkv^2) with each bucket's means
+        removed, so f(B)'s shape does not leak into c. Kept as is when the recent steps'
+        K/V lengths hardly vary (nothing to fit from)."""
+        groups: dict[int, list[tuple[float, float]]] = {}
+        for b, kv, t in self._recent:
+            groups.setdefault(b, []).append((kv, t))
+        sxy = sxx = 0.0
+        for pts in groups.values():
+            if len(pts) < 3:
+                continue
+            mk = sum(k for k, _ in pts) / len(pts)
+            mt = sum(t for _, t in pts) / len(pts)
+            sxy += sum((k - mk) * (t - mt) for k, t in pts)
+            sxx += sum((k - mk) ** 2 for k, _ in pts)
+        if sxx > 1e4:  # at least ~100 K/V tokens of spread, summed over steps
+            self.kv_slope = max(0.0, sxy / sxx)
+
+    def _base(self, b: int) -> float:
+        """f(B): the measured seconds at B less the K/V part at those steps' mean K/V length
+        (never below a fifth of the measurement: c is an estimate)."""
+        raw = self.seconds[b]
+        return max(0.2 * raw, raw - self.kv_slope * self.kv.get(b, 0.0))
+
     def _rebuild(self) -> None:
+        self._fit_kv_slope()
         good = sorted(b for b, c in self.count.items() if c >= self.min_samples)
         if not good:
             return
         # Scale the prior to the measured 1-token (or smallest) step so unmeasured B stay comparable.
         b0 = good[0]
-        t1 = self.seconds[b0] / (1 + self.prior_slope * (b0 - 1))
+        t1 = self._base(b0) / (1 + self.prior_slope * (b0 - 1))
         prior = self._prior(t1)
-        pts = {b: 1.0 / self.seconds[b] for b in good}
+        pts = {b: 1.0 / self._base(b) for b in good}
         for b in prior.batch_sizes:
             if b > good[-1]:
                 pts.setdefault(b, prior(b))
@@ -86,45 +136,54 @@ class OnlineSPS:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seconds": self.seconds, "count": self.count}))
+            tmp.write_text(json.dumps({"seconds": self.seconds, "count": self.count, "kv": self.kv,
+                                       "kv_slope": self.kv_slope}))
             tmp.replace(self.path)
         except OSError as e:
             log.warning("could not save SPS cache %s: %s", self.path, e)
 
     def __call__(self, b: int) -> float:
+        """Batch tokens per second at B, K/V part left out (f(B) only)."""
         return self.table(b)
 
-    def step_seconds(self, b: int) -> float:
-        """Seconds of one forward at B batch tokens: the measured average where B has enough
-        samples, else the monotone table. Unlike the table, measured points keep their shape:
-        on a CPU without native bf16, 2 tokens can cost more than 4 or 8 (the matmul kernel
-        changes with the row count), which the isotonic fit would average away."""
+    def at(self, kv: float):  # -> Callable[[int], float]
+        """SPS(B) for a step whose queries read `kv` K/V positions (what Algorithm 1 takes)."""
+        return lambda b: 1.0 / self.step_seconds(b, kv)
+
+    def step_seconds(self, b: int, kv: float = 0.0) -> float:
+        """Seconds of one forward at B batch tokens reading `kv` K/V positions: f(B) + c kv,
+        with f the measured point where B has enough samples, else the monotone table. Unlike
+        the table, measured points keep their shape: on a CPU without native bf16, 2 tokens
+        can cost more than 4 or 8 (the matmul kernel changes with the row count), which the
+        isotonic fit would average away."""
         with self._lock:
+            extra = self.kv_slope * float(kv)
             if self.count.get(b, 0) >= self.min_samples:
-                return self.seconds[b]
-        return 1.0 / self.table(b)
+                return self._base(b) + extra
+        return 1.0 / self.table(b) + extra
 
     def measured(self) -> dict[int, float]:
-        """Forward seconds per batch-token count, where enough samples exist."""
+        """Forward seconds per batch-token count as measured (K/V part included), where enough
+        samples exist."""
         with self._lock:
             return {b: s for b, s in self.seconds.items() if self.count.get(b, 0) >= self.min_samples}
 
-    def _cheapest(self, counts: range, scale: int = 1) -> tuple[int, float]:
+    def _cheapest(self, counts: range, scale: int = 1, kv: float = 0.0) -> tuple[int, float]:
         """(c, seconds): the first c in `counts` whose forward over c x scale tokens is cheapest."""
-        best_c, best_t = counts[0], self.step_seconds(counts[0] * scale)
+        best_c, best_t = counts[0], self.step_seconds(counts[0] * scale, kv)
         for c in counts[1:]:
-            t = self.step_seconds(c * scale)
+            t = self.step_seconds(c * scale, kv)
             if t < best_t:
                 best_c, best_t = c, t
         return best_c, best_t
 
-    def cheapest_tokens(self, tokens: int, max_tokens: int) -> tuple[int, float]:
+    def cheapest_tokens(self, tokens: int, max_tokens: int, kv: float = 0.0) -> tuple[int, float]:
         """(T, seconds): the batch-token count T in [tokens, max_tokens] whose forward is
         cheapest (a ragged step may verify more positions where that costs less)."""
-        return self._cheapest(range(tokens, max(tokens, max_tokens) + 1))
+        return self._cheapest(range(tokens, max(tokens, max_tokens) + 1), kv=kv)
 
-    def cheapest_width(self, bs: int, width: int, max_width: int) -> tuple[int, float]:
+    def cheapest_width(self, bs: int, width: int, max_width: int, kv: float = 0.0) -> tuple[int, float]:
         """(W, seconds): the verify width W in [width, max_width] whose forward over bs x W
         tokens is cheapest. A step that needs `width` positions may run wider, padded: the
         extra positions are never verified, so the result is the same and only the cost moves."""
-        return self._cheapest(range(width, max(width, max_width) + 1), scale=bs)
+        return self._cheapest(range(width, max(width, max_width) + 1), scale=bs, kv=kv)
