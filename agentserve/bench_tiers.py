@@ -87,6 +87,7 @@ def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, 
                if t.target_tokens_per_s and done else None)
         row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
                                 "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None}
+    row["requests"] = res  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
     return row
 
 
