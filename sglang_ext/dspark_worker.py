@@ -583,11 +583,11 @@ class AgentSparkWorker(BaseSpecWorker):
                 if not bool(greedy.all()):  # sample only where a request samples
                     nxt = torch.where(greedy, nxt, sample_from_probs(p[:, 0], self.generator))
                 emitted = [[int(t)] for t in nxt.tolist()]
-        if batch.return_logprob and not sampler_rows:  # (SGLang's sampler wrote them above)
-            self._write_logprobs(batch, logits, widths, width, emitted, sampling, res.logits_output)
         stats.verify_s = time.perf_counter() - t0
         self.sps.observe(n_tokens, stats.verify_s, kv)
         self.gate.observe_times(width, bs, stats.verify_s, len(model_rows), stats.draft_s)
+        if batch.return_logprob and not sampler_rows:  # after the timing: not a verify cost
+            self._write_logprobs(batch, logits, widths, width, emitted, sampling, res.logits_output)
 
         accept_lens = torch.tensor([len(t) for t in emitted], dtype=torch.int32, device=self.device)
         # Rows padded to the maximum width: SGLang's relay buffers keep one shape across steps.

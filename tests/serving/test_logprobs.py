@@ -100,3 +100,24 @@ def test_openai_chat_logprobs(plain_server, agentspark_server) -> None:
     for x, y in zip(a, b):
         assert x.token == y.token and abs(x.logprob - y.logprob) < TOL
         assert [t.token for t in x.top_logprobs] == [t.token for t in y.top_logprobs]
+
+
+def test_sampled_logprobs_are_temperature_scaled(plain_server, agentspark_server, model_dir) -> None:
+    # At temperature T the reported logprobs are log_softmax(logits / T): the gap between a
+    # position's two best tokens is 1/T times the gap in the raw logprobs, which the plain
+    # server's prefill scoring of the same text gives (its normaliser cancels in the gap).
+    prompt = chat("Describe a forest in two sentences.")
+    g = gen(agentspark_server.url, {"text": prompt, "return_logprob": True, "top_logprobs_num": 2,
+                                    "sampling_params": {"temperature": 0.5, "max_new_tokens": 24}})
+    assert g["meta_info"]["spec_verify_ct"] > 0
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(prompt, add_special_tokens=False).input_ids
+    n = len(prompt_ids)
+    score = gen(plain_server.url, {"input_ids": prompt_ids + g["output_ids"], "return_logprob": True,
+                                   "logprob_start_len": n - 1, "top_logprobs_num": 2,
+                                   "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    raw = score["meta_info"]["input_top_logprobs"][1:]
+    got = g["meta_info"]["output_top_logprobs"]
+    assert len(got) == len(g["output_ids"]) and len(raw) >= len(got)
+    for i, (a, b) in enumerate(zip(raw, got)):
+        assert [x[1] for x in a] == [x[1] for x in b], (i, a, b)  # same two best tokens
+        assert (b[0][0] - b[1][0]) == pytest.approx((a[0][0] - a[1][0]) / 0.5, abs=5e-3), (i, a, b)
