@@ -27,6 +27,7 @@ import os
 import threading
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from sglang_ext.dspark.sps import SPSTable, cache_key
 
@@ -146,7 +147,7 @@ class OnlineSPS:
         """Batch tokens per second at B, K/V part left out (f(B) only)."""
         return self.table(b)
 
-    def at(self, kv: float):  # -> Callable[[int], float]
+    def at(self, kv: float) -> Callable[[int], float]:
         """SPS(B) for a step whose queries read `kv` K/V positions (what Algorithm 1 takes)."""
         return lambda b: 1.0 / self.step_seconds(b, kv)
 
