@@ -174,7 +174,10 @@ def prompts_needed(temperatures: list[float], concurrencies: list[int], per_doma
 def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int],
                  max_new: int, temperatures: list[float], log_dir: Path, per_domain: int
                  ) -> tuple[list[RequestResult], list[dict], float, int]:
-    prof = base.model_copy(update={"drafter": SYSTEMS[name]})
+    # admission off: every system runs the same load (the tier gate would hold requests of a
+    # speculative server back, which changes the concurrency being measured; bench --tiers
+    # measures admission)
+    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
     results: list[RequestResult] = []
     spec: list[dict] = []
     with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:

@@ -106,7 +106,10 @@ def run_chat(url: str, system: str, prompts: list[list[int]], max_new: int) -> l
 
 def bench_system(name: str, base: Profile, traces: list, chat: list[list[int]], concs: list[int], max_new: int,
                  log_dir: Path) -> list[TurnResult]:
-    prof = base.model_copy(update={"drafter": SYSTEMS[name]})
+    # admission off: every system runs the same load (the tier gate would hold requests of a
+    # speculative server back, which changes the concurrency being measured; bench --tiers
+    # measures admission)
+    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
     res: list[TurnResult] = []
     with ServerProcess(prof, log_path=log_dir / f"replay-{name}.log") as srv:
         _generate(srv.url, chat[0] if chat else traces[0][1][:64], 4, {})  # warm-up

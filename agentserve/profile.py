@@ -68,6 +68,10 @@ class ServerSpec(_Strict):
     max_running_requests: int | None = Field(default=None, gt=0)
     chunked_prefill_size: int | None = Field(default=None, gt=0)
     enable_metrics: bool = True
+    # bf16 models on a CPU: "auto" times bf16 against fp32 GEMM per weight shape and row count
+    # and uses the faster (sglang_ext/cpu_matmul.py); "native": always the model's dtype;
+    # "fp32": fp32 GEMM for every product of two or more rows, without timing
+    cpu_matmul: Literal["auto", "native", "fp32"] = "auto"
     extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
 
 

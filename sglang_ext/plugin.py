@@ -1,7 +1,8 @@
 """agentserve's SGLang plugin (entry point group `sglang.srt.plugins`).
 
 SGLang calls `load()` early in every server process (main, scheduler, detokenizer). It:
-1. teaches the torch_native attention backend the TARGET_VERIFY forward;
+1. teaches the torch_native attention backend the TARGET_VERIFY forward, and picks the faster
+   of bf16 and fp32 GEMM per weight shape and row count on CPUs (cpu_matmul.py);
 2. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
 3. in the HTTP process, adds agent identity and per-agent metrics (agent_api.py).
 Failures are logged, never raised: a broken plugin must not take plain serving down.
@@ -25,6 +26,13 @@ def load() -> None:
     from sglang_ext import verify_attention
 
     HookRegistry.register(verify_attention.TARGET, verify_attention.around_forward_extend, HookType.AROUND)
+
+    from sglang_ext import cpu_matmul
+
+    if cpu_matmul.mode_from_profile() != "native":  # measured bf16/fp32 GEMM choice (acts on CPU bf16 only)
+        HookRegistry.register(cpu_matmul.LINEAR_TARGET, cpu_matmul.around_linear, HookType.AROUND)
+        HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, cpu_matmul.around_lm_head, HookType.AROUND)
+        HookRegistry.register(cpu_matmul.LOAD_TARGET, cpu_matmul.after_load_model, HookType.AFTER)
 
     from sglang_ext import algorithms
 

@@ -53,6 +53,7 @@ def test_good_profile_and_tier_lookup() -> None:
         ({"model": {"path": "m", "dtype": "fp8"}}, "model.dtype: input should be"),
         ({"server": {"port": 70000}}, "server.port: input should be less than or equal to 65535"),
         ({"server": {"max_running_requests": "8"}}, "server.max_running_requests: input should be a valid integer"),
+        ({"server": {"cpu_matmul": "fast"}}, "server.cpu_matmul: input should be 'auto', 'native' or 'fp32'"),
         ({"interactivity_tiers": [{"name": "x", "target_tokens_per_s": -5}]}, "interactivity_tiers[0].target_tokens_per_s: input should be greater than 0"),
         ({"interactivity_tiers": [{"name": "x", "speed": 5}]}, "interactivity_tiers[0].speed: unknown key"),
         ({"interactivity_tiers": [{"name": "a"}, {"name": "a"}]}, "duplicate tier name"),

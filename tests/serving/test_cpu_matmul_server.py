@@ -1,0 +1,67 @@
+"""The fp32 GEMM path (sglang_ext/cpu_matmul.py) inside a real bf16 SGLang server: the same
+prompt scored by a server forced onto it (`server.cpu_matmul: fp32`) and by one on the
+native bf16 kernels gives the same log-probabilities up to bf16 rounding, and the forced
+server's log shows the fp32 kernels were chosen."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import LOGS, _server
+
+PROMPT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+          "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nThe function above computes Fibonacci numbers by "
+          "recursion. A faster version keeps the last two values in a loop:")
+
+
+def _bf16(mode: str) -> Iterator:
+    from agentserve.profile import load_profile
+    from tests.conftest import PROFILES
+
+    base = load_profile(PROFILES / "plain-fp32.yaml")
+    yield from _server("plain-fp32.yaml", name=f"test-bf16-{mode}",
+                       model=base.model.model_copy(update={"dtype": "bfloat16"}),
+                       server=base.server.model_copy(update={"cpu_matmul": mode}))
+
+
+@pytest.fixture(scope="module")
+def bf16_pair() -> Iterator[tuple]:
+    native = _bf16("native")
+    a = next(native)
+    forced = _bf16("fp32")
+    b = next(forced)
+    try:
+        yield a, b
+    finally:
+        next(forced, None)
+        next(native, None)
+
+
+def _score(url: str) -> tuple[list[float], list[int]]:
+    r = requests.post(url + "/generate", timeout=300, json={
+        "text": PROMPT, "return_logprob": True, "logprob_start_len": 0,
+        "sampling_params": {"temperature": 0, "max_new_tokens": 12}})
+    r.raise_for_status()
+    m = r.json()["meta_info"]
+    lps = [x[0] for x in m["input_token_logprobs"] if x[0] is not None]
+    return lps, [x[1] for x in m["output_token_logprobs"]]
+
+
+@pytest.mark.server
+def test_fp32_gemm_scores_like_native_bf16(bf16_pair: tuple) -> None:
+    native, forced = bf16_pair
+    lp_n, out_n = _score(native.url)
+    lp_f, out_f = _score(forced.url)
+    assert len(lp_n) == len(lp_f) > 40
+    diffs = sorted(abs(a - b) for a, b in zip(lp_n, lp_f))
+    # bf16 activations: the two kernels differ by rounding only; a wrong product (transposed,
+    # stale or mis-shaped weights) moves prompt log-probabilities by whole nats
+    assert diffs[len(diffs) // 2] < 0.05, diffs
+    assert sum(diffs) / len(diffs) < 0.1, diffs
+    assert len(out_f) == 12
+    log = (LOGS / "test-bf16-fp32.log").read_text()
+    assert "cpu_matmul" in log and "fp32_t from 2 rows" in log
+    assert "fp32_t" not in (LOGS / "test-bf16-native.log").read_text()
