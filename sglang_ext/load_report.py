@@ -5,14 +5,17 @@ worker knows what admission needs to predict a tier's speed before admitting one
 - the decode step period at each batch size B (wall time from one decode step to the next
   while the same requests continue: forward, our drafting, SGLang's result processing and any
   prefill of newly arrived requests in between — what a user's stream actually waits for);
-- tokens emitted per step per request (τ), per tier, under the current drafting;
+- tokens emitted per step per request (τ), per tier, under the current drafting, and the τ of
+  the slowest running request of each tier (a tier's mean hides the request whose drafts do
+  not pay, and that request is the one that misses the promise);
 - the forward cost per batch-token count (OnlineSPS), to extrapolate to an unseen B.
 `LoadPublisher` (scheduler) writes them a few times a second as one small JSON file beside
 SGLang's Prometheus multiprocess files; `CapacityModel` (HTTP) reads it and predicts
 
     speed_U(B) = τ_U / period(B)
 
-for tier U at B running requests: the measured period where B has been seen, else the nearest
+for tier U at B running requests (τ_U: the slowest running request's τ while U has running
+requests, else U's mean): the measured period where B has been seen, else the nearest
 measured period scaled by the forward-cost ratio f(B)/f(b) of the SPS table.
 """
 
@@ -49,6 +52,8 @@ class LoadPublisher:
         self.count: dict[int, int] = {}
         self.tau: dict[str, float] = {}
         self.tau_all: Optional[float] = None
+        self.req_tau: dict[str, float] = {}  # running request -> its τ (EMA from its tier's mean)
+        self.tau_min: dict[str, float] = {}  # tier -> τ of its slowest running request
         self._prev: Optional[tuple[float, int, frozenset[str]]] = None
         self._written = 0.0
 
@@ -67,16 +72,22 @@ class LoadPublisher:
                 self.period[b] = self._mix(self.period.get(b), now - t)
                 self.count[b] = self.count.get(b, 0) + 1
         self._prev = (now, len(rids), cur)
+        req_tau: dict[str, float] = {}  # requests not in this step have finished
+        tau_min: dict[str, float] = {}
+        for rid, tier, n in zip(rids, tiers, emitted):
+            req_tau[rid] = self._mix(self.req_tau.get(rid, self.tau.get(tier)), float(n))
+            tau_min[tier] = min(tau_min.get(tier, req_tau[rid]), req_tau[rid])
         for tier, n in zip(tiers, emitted):
             self.tau[tier] = self._mix(self.tau.get(tier), float(n))
             self.tau_all = self._mix(self.tau_all, float(n))
+        self.req_tau, self.tau_min = req_tau, tau_min
         if self.path is not None and now - self._written >= self.every_s:
             self._written = now
             self.write(forward())
 
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
-                "forward": forward, "time": time.time()}
+                "tau_min": self.tau_min, "forward": forward, "time": time.time()}
 
     def write(self, forward: dict[int, float]) -> None:
         assert self.path is not None
@@ -131,6 +142,7 @@ class CapacityModel:
                 "count": {int(k): int(v) for k, v in d.get("count", {}).items()},
                 "tau": {str(k): float(v) for k, v in d.get("tau", {}).items()},
                 "tau_all": None if d.get("tau_all") is None else float(d["tau_all"]),
+                "tau_min": {str(k): float(v) for k, v in d.get("tau_min", {}).items()},
                 "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()}}
 
     def data(self) -> Optional[dict[str, Any]]:
@@ -163,8 +175,10 @@ class CapacityModel:
         return seen[near] * f_b / f_near
 
     def tau(self, tier: str) -> float:
+        """Tokens per step to plan `tier` with: its slowest running request's, else its mean."""
         d = self.data() or {}
-        return (d.get("tau") or {}).get(tier) or d.get("tau_all") or 1.0
+        return ((d.get("tau_min") or {}).get(tier) or (d.get("tau") or {}).get(tier) or d.get("tau_all")
+                or 1.0)
 
     def predict(self, tier: str, b: int) -> Optional[float]:
         """Predicted decode tok/s per user of `tier` with `b` requests running (None: unknown)."""

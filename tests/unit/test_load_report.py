@@ -42,6 +42,29 @@ def test_publisher_measures_period_per_batch_and_tau_per_tier(tmp_path) -> None:
     assert m.period(2) == pytest.approx(0.04 * (0.03 + 0.03 / 7) / 0.03)
 
 
+def test_prediction_plans_with_the_slowest_running_request_of_a_tier(tmp_path) -> None:
+    clk = Clock()
+    path = tmp_path / "load.json"
+    pub = LoadPublisher(path, every_s=0.0, ema=0.5, clock=clk)
+    forward = {2: 0.05}
+    for _ in range(6):  # "copy" copies 4 tokens a step, "prose" gets 1
+        clk.t += 0.05
+        pub.observe(["copy", "prose"], ["interactive", "interactive"], [4, 1], lambda: forward)
+    m = CapacityModel(path)
+    m.refresh_s = 0.0
+    assert m.data()["tau"]["interactive"] > 1.9  # the mean of 4s and 1s
+    assert m.tau("interactive") == pytest.approx(1.0, abs=0.1)  # the request that would miss
+    assert m.predict("interactive", 2) == pytest.approx(m.tau("interactive") / 0.05)
+    clk.t += 0.05
+    pub.observe(["copy"], ["interactive"], [4], lambda: forward)  # "prose" finished
+    m._read_at = -1e9
+    assert m.tau("interactive") == pytest.approx(4.0, abs=0.1)
+    clk.t += 0.05
+    pub.observe(["other"], ["batch"], [1], lambda: forward)  # no interactive request runs now
+    m._read_at = -1e9
+    assert m.tau("interactive") == pytest.approx(m.data()["tau"]["interactive"])
+
+
 def test_capacity_model_extrapolates_and_knows_nothing_without_a_report(tmp_path) -> None:
     assert CapacityModel(tmp_path / "missing.json").predict("x", 4) is None
     m = CapacityModel.from_report({"period": {"1": 0.03, "4": 0.05}, "count": {"1": 9, "4": 9},
