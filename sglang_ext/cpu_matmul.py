@@ -40,7 +40,6 @@ log = logging.getLogger("agentserve.cpu_matmul")
 
 BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)  # row counts timed; M uses the largest bucket <= M
 MARGIN = 0.9  # an fp32 kernel must be at least 10 % faster than the native one to be chosen
-W32 = "_agentserve_w32"  # attribute holding a layer's fp32 weight copy (copy, data_ptr, version)
 
 NATIVE, F32, F32_T = 0, 1, 2  # bf16 x @ W.T; fp32 x @ W.T; fp32 (W @ x.T).T (wide weights, few rows)
 
@@ -100,6 +99,7 @@ class GemmChooser:
         self.reps, self.buckets = reps, buckets
         self.used = 0
         self.kinds: dict[tuple[int, int], tuple[int, ...]] = {}  # shape -> kernel per bucket
+        self._w32: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}  # (storage, shape) -> (copy, version)
         # fewest rows any measured shape runs in fp32: below it a call goes straight to the
         # native kernel (one comparison; a 135M model's one-row step is ~120 linears of 0.2 ms)
         self.min_rows = 2
@@ -135,15 +135,18 @@ class GemmChooser:
             i += 1
         return kinds[i]
 
-    def weight32(self, owner: Any, w: torch.Tensor) -> Optional[torch.Tensor]:
-        """owner's fp32 copy of w (made now if the budget allows; None when it does not). A
-        copy is remade when the weight changed since (in-place version or new storage: SGLang
-        can update weights while serving)."""
-        held = getattr(owner, W32, None)
+    def weight32(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fp32 copy of w (made now if the budget allows; None when it does not). Copies
+        are keyed by storage and shape, so a weight shared by two modules (a drafter using
+        the target's LM head) has one; a copy is remade when the weight changed since (in-place
+        version or new storage: SGLang can update weights while serving)."""
+        key = (w.data_ptr(), tuple(w.shape))
+        held = self._w32.get(key)
         if held is not None:
-            w32, ptr, version = held
-            if ptr == w.data_ptr() and version == w._version and w32.shape == w.shape:
+            w32, version = held
+            if version == w._version:
                 return w32
+            del self._w32[key]
             self.used -= w32.numel() * 4
         if self.budget is None:
             self.budget = _available_bytes() // 4
@@ -151,19 +154,16 @@ class GemmChooser:
         if self.used + need > self.budget:
             return None
         w32 = w.detach().float()
-        try:
-            setattr(owner, W32, (w32, w.data_ptr(), w._version))
-        except AttributeError:
-            return None
+        self._w32[key] = (w32, w._version)
         self.used += need
         return w32
 
     def applies(self, x: torch.Tensor, w: Any) -> bool:
         return (isinstance(w, torch.Tensor) and w.dim() == 2 and x.device.type == "cpu"
-                and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16)
+                and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+                and not (w.requires_grad and torch.is_grad_enabled()))  # training keeps autograd's kernel
 
-    def linear(self, owner: Any, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
-               ) -> Optional[torch.Tensor]:
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """x @ w.T (+ bias) in bf16, computed by the fastest measured kernel for x's row count;
         None: the caller's own (native) kernel is the one to use."""
         if not self.applies(x, w):
@@ -172,7 +172,7 @@ class GemmChooser:
         kind = self.kind(x2.shape[0], w)
         if kind == NATIVE:
             return None
-        w32 = self.weight32(owner, w)
+        w32 = self.weight32(w)
         if w32 is None:
             return None
         out = _run(kind, x2, w, w32)
@@ -182,11 +182,12 @@ class GemmChooser:
 
     def calibrate(self, model: torch.nn.Module) -> None:
         """Measure every bf16 CPU linear shape of a loaded model now (start-up), not during a
-        request."""
+        request: SGLang's unquantized linears and LM head, and plain torch Linear layers."""
         for mod in model.modules():
             w = getattr(mod, "weight", None)
-            if (type(getattr(mod, "quant_method", None)).__name__ in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
-                    and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
+            linear = (isinstance(mod, torch.nn.Linear) or type(getattr(mod, "quant_method", None)).__name__
+                      in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"))
+            if (linear and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
                     and w.dtype == torch.bfloat16 and not getattr(mod, "use_intel_amx_backend", False)):
                 self.kind(1, w)
 
@@ -211,6 +212,28 @@ def chooser() -> GemmChooser:
     return _chooser
 
 
+def fast_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear with the measured kernel choice (a plain torch caller: our DSpark drafter)."""
+    ch = chooser()
+    if x.dim() and x.numel() >= ch.min_rows * x.shape[-1]:
+        out = ch.linear(x, w, bias)
+        if out is not None:
+            return out
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def accelerate(model: torch.nn.Module) -> int:
+    """Route every torch Linear of `model` through fast_linear and measure their shapes now;
+    returns how many layers were routed."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.forward = (lambda m: lambda x: fast_linear(x, m.weight, m.bias))(mod)  # type: ignore[method-assign]
+            n += 1
+    chooser().calibrate(model)
+    return n
+
+
 # ---- SGLang hooks (registered by plugin.py; AROUND: fn(original, *args, **kwargs))
 
 LINEAR_TARGET = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
@@ -232,7 +255,7 @@ def after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any
 def around_linear(original: Callable[..., torch.Tensor], method: Any, layer: Any, x: torch.Tensor,
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if x.shape[0] >= chooser().min_rows and not getattr(layer, "use_intel_amx_backend", False):
-        out = chooser().linear(layer, x, layer.weight, bias)
+        out = chooser().linear(x, layer.weight, bias)
         if out is not None:
             return out
     return original(method, layer, x, bias)
@@ -251,7 +274,7 @@ def _plain_head(proc: Any, lm_head: Any, embedding_bias: Optional[torch.Tensor])
 def around_lm_head(original: Callable[..., torch.Tensor], proc: Any, hidden_states: torch.Tensor, lm_head: Any,
                    embedding_bias: Optional[torch.Tensor] = None, **kw: Any) -> torch.Tensor:
     if hidden_states.shape[0] >= chooser().min_rows and _plain_head(proc, lm_head, embedding_bias):
-        out = chooser().linear(lm_head, hidden_states, lm_head.weight, None)
+        out = chooser().linear(hidden_states, lm_head.weight, None)
         if out is not None:
             return out
     return original(proc, hidden_states, lm_head, embedding_bias, **kw)

@@ -50,7 +50,7 @@ from sglang.srt.server_args import ServerArgs
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
-from sglang_ext import worker_metrics
+from sglang_ext import cpu_matmul, worker_metrics
 from sglang_ext.dspark.drafter import DSparkDrafter
 from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_from_probs
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
@@ -180,6 +180,8 @@ class AgentSparkWorker(BaseSpecWorker):
             head_w = getattr(head, "weight", None)
             drafter.attach_shared(emb, None if head_w is None or head_w is emb else head_w)
             drafter.eval()
+            if cpu_matmul.mode_from_profile() != "native":  # the drafter's products too (cpu_matmul.py)
+                cpu_matmul.accelerate(drafter)
             target.set_dflash_layers_to_capture(list(drafter.config.target_layer_ids))
             self.block = min(drafter.config.block_size, self.max_width - 1)
             self.drafter = drafter

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu_matmul import fast_linear
 from .config import DSparkConfig, DSparkConfigError
 from .sampling import BlockSample, SamplingParams, sample_block_sequential
 
@@ -347,7 +348,8 @@ class DSparkDrafter(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.lm_head_weight
-        return F.linear(hidden.to(w.dtype), w.to(hidden.device) if w.device != hidden.device else w)
+        # the measured bf16/fp32 kernel choice on CPUs (plain F.linear elsewhere and in training)
+        return fast_linear(hidden.to(w.dtype), w.to(hidden.device) if w.device != hidden.device else w)
 
     # ---- backbone
     def project_context(self, target_hidden: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

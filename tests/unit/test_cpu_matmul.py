@@ -29,7 +29,7 @@ def test_fp32_kernels_match_the_bf16_product(kind: int, rows: int) -> None:
     layer, ch = _layer(), _forced(kind)
     x = torch.randn(rows, 64).to(torch.bfloat16)
     bias = torch.randn(96).to(torch.bfloat16)
-    out = ch.linear(layer, x, layer.weight, bias)
+    out = ch.linear(x, layer.weight, bias)
     assert out is not None and out.dtype == torch.bfloat16 and out.is_contiguous() and out.shape == (rows, 96)
     ref = (x.float() @ layer.weight.float().T + bias.float()).to(torch.bfloat16)
     # the same bf16 dot products accumulated in fp32: equal up to one bf16 rounding step
@@ -41,18 +41,18 @@ def test_fp32_kernels_match_the_bf16_product(kind: int, rows: int) -> None:
 def test_three_dimensional_input_keeps_its_shape() -> None:
     layer, ch = _layer(), _forced(cm.F32_T)
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
-    out = ch.linear(layer, x, layer.weight, None)
+    out = ch.linear(x, layer.weight, None)
     assert out is not None and out.shape == (2, 3, 96)
     assert torch.allclose(out.float(), torch.nn.functional.linear(x, layer.weight).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_one_row_native_fp32_model_and_empty_budget_use_the_callers_kernel() -> None:
     layer = _layer()
-    assert _forced(cm.F32_T).linear(layer, torch.randn(1, 64).to(torch.bfloat16), layer.weight, None) is None
-    assert _forced(cm.NATIVE).linear(layer, torch.randn(8, 64).to(torch.bfloat16), layer.weight, None) is None
+    assert _forced(cm.F32_T).linear(torch.randn(1, 64).to(torch.bfloat16), layer.weight, None) is None
+    assert _forced(cm.NATIVE).linear(torch.randn(8, 64).to(torch.bfloat16), layer.weight, None) is None
     w32 = layer.weight.float()
-    assert _forced(cm.F32_T).linear(layer, torch.randn(8, 64), w32, None) is None  # an fp32 model: nothing to choose
-    assert _forced(cm.F32_T, budget=0).linear(layer, torch.randn(8, 64).to(torch.bfloat16), layer.weight, None) is None
+    assert _forced(cm.F32_T).linear(torch.randn(8, 64), w32, None) is None  # an fp32 model: nothing to choose
+    assert _forced(cm.F32_T, budget=0).linear(torch.randn(8, 64).to(torch.bfloat16), layer.weight, None) is None
 
 
 def test_rows_between_buckets_use_the_bucket_below() -> None:
@@ -65,13 +65,16 @@ def test_rows_between_buckets_use_the_bucket_below() -> None:
 def test_fp32_copy_follows_a_weight_update() -> None:
     layer, ch = _layer(), _forced(cm.F32)
     x = torch.randn(4, 64).to(torch.bfloat16)
-    before = ch.linear(layer, x, layer.weight, None)
+    before = ch.linear(x, layer.weight, None)
     with torch.no_grad():
         layer.weight.mul_(2)  # in place, as a weight reload does
-    after = ch.linear(layer, x, layer.weight, None)
+    after = ch.linear(x, layer.weight, None)
     assert before is not None and after is not None
     assert torch.allclose(after.float(), 2 * before.float(), rtol=1e-2, atol=1e-2)
     assert ch.used == layer.weight.numel() * 4  # the stale copy's bytes were given back
+    ch.kinds[(48, 64)] = ch.kinds[(96, 64)]
+    ch.linear(x, layer.weight[:48], None)  # another shape of the same storage: a copy of its own
+    assert ch.used == (96 + 48) * 64 * 4
 
 
 def test_measure_picks_a_kernel_per_bucket_and_sets_min_rows() -> None:
@@ -109,3 +112,24 @@ def test_forced_fp32_needs_no_timing() -> None:
     ch = cm.GemmChooser(force_fp32=True)
     kinds = ch.measure(torch.randn(64, 32).to(torch.bfloat16))
     assert kinds[0] == cm.NATIVE and set(kinds[1:]) == {cm.F32_T}
+
+
+def test_accelerate_routes_torch_linears_and_leaves_training_alone() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False)).to(torch.bfloat16)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = net(x)
+    cm._chooser = cm.GemmChooser(budget_bytes=1 << 30, force_fp32=True)
+    try:
+        assert cm.accelerate(net) == 2
+        with torch.no_grad():
+            out = net(x)
+        assert cm.chooser().used > 0  # the fp32 kernel ran
+        assert torch.allclose(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+        used = cm.chooser().used
+        y = net(x)  # grad mode with trainable weights: autograd's own kernel, gradients flow
+        y.float().sum().backward()
+        assert net[0].weight.grad is not None and cm.chooser().used == used
+    finally:
+        cm._chooser = None
