@@ -10,9 +10,9 @@ weight reads over the rows. Measured on such a 2-core VM (576 x 3072 weight):
 
 Every multi-row product pays: a prefill, a decode batch of several requests, and above all a
 speculative verify of 1 + l positions per request. So per weight shape, at its first product of
-two or more rows, `GemmChooser` times both kernels at M = 2, 4, ..., 128 and from then on picks
-the faster per M bucket (one row always stays in bf16, which is the fastest single-row kernel
-on every CPU measured). Where native bf16 GEMM is fast (AVX512-BF16, AMX), the bf16 kernel
+two or more rows, `GemmChooser` times the kernels at M = 2, 3, 4, 6, 8, 16, ..., 128 and from
+then on picks the fastest per M bucket (one row always stays in bf16, which reads half the
+bytes of fp32 and was the faster single-row kernel with cold caches). Where native bf16 GEMM is fast (AVX512-BF16, AMX), the bf16 kernel
 wins the timing and nothing changes.
 
 The fp32 weights are copies of the bf16 ones, made once per layer on first use, within a
@@ -38,7 +38,10 @@ import torch
 
 log = logging.getLogger("agentserve.cpu_matmul")
 
-BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)  # row counts timed; M uses the largest bucket <= M
+# Row counts timed; M uses the largest bucket <= M. One-row products always keep the native
+# kernel: bf16 reads half the bytes, and a one-row step (decoding one request) is where the
+# call overhead of choosing would show (~120 linears of 0.2 ms per step for a 135M model).
+BUCKETS = (2, 3, 4, 6, 8, 16, 32, 64, 128)
 MARGIN = 0.9  # an fp32 kernel must be at least 10 % faster than the native one to be chosen
 
 NATIVE, F32, F32_T = 0, 1, 2  # bf16 x @ W.T; fp32 x @ W.T; fp32 (W @ x.T).T (wide weights, few rows)
@@ -100,15 +103,13 @@ class GemmChooser:
         self.used = 0
         self.kinds: dict[tuple[int, int], tuple[int, ...]] = {}  # shape -> kernel per bucket
         self._w32: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}  # (storage, shape) -> (copy, version)
-        # fewest rows any measured shape runs in fp32: below it a call goes straight to the
-        # native kernel (one comparison; a 135M model's one-row step is ~120 linears of 0.2 ms)
-        self.min_rows = 2
+        self.min_rows = buckets[0]  # fewer rows: straight to the native kernel (one comparison)
 
     def measure(self, w: torch.Tensor) -> tuple[int, ...]:
         n, k = w.shape
         if self.force_fp32:
             log.info("cpu_matmul %dx%d: fp32_t from 2 rows (cpu_matmul: fp32)", n, k)
-            return tuple(NATIVE if m < 2 else F32_T for m in self.buckets)
+            return tuple(F32_T for _ in self.buckets)
         w32 = w.detach().float()
         kinds = []
         native_out = False  # the native kernel grows ~linearly in M here: stop timing it
@@ -120,12 +121,13 @@ class GemmChooser:
             best = min(t, key=t.get)
             kinds.append(best if t[best] < MARGIN * t_native else NATIVE)
             native_out = native_out or t_native > 2 * t[best]
-        self.min_rows = min([self.min_rows] + [m for m, c in zip(self.buckets, kinds) if c != NATIVE])
         log.info("cpu_matmul %dx%d: kernel per row count %s", n, k,
                  {m: ("bf16", "fp32", "fp32_t")[c] for m, c in zip(self.buckets, kinds)})
         return tuple(kinds)
 
     def kind(self, m: int, w: torch.Tensor) -> int:
+        if m < self.min_rows:
+            return NATIVE
         shape = (int(w.shape[0]), int(w.shape[1]))
         kinds = self.kinds.get(shape)
         if kinds is None:
@@ -189,7 +191,7 @@ class GemmChooser:
                       in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"))
             if (linear and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
                     and w.dtype == torch.bfloat16 and not getattr(mod, "use_intel_amx_backend", False)):
-                self.kind(1, w)
+                self.kind(self.min_rows, w)
 
 
 _chooser: Optional[GemmChooser] = None
