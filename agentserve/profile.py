@@ -119,6 +119,10 @@ class Profile(_Strict):
     # τ predict a promised tier would fall below (1 + margin) x its target (admission.py rule c).
     admission_predict: bool = True
     admission_margin: float = Field(default=0.1, ge=0, le=1, description="headroom over a tier's target")
+    # Prefill pacing (agentspark, tier_aware scheduler; experimental, off by default: no gain
+    # measured yet): a less important request's prefill waits while it would put a running
+    # promised request below its target, at most this many seconds; sglang_ext/prefill_pacing.py
+    prefill_max_defer_s: float = Field(default=0.0, ge=0, description="longest a prefill is held back for a promise (0: off)")
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:

@@ -58,6 +58,7 @@ from sglang_ext.dspark.verify import verify_block
 from sglang_ext.draft_contexts import LazyContexts
 from sglang_ext.draft_gate import DraftGate
 from sglang_ext.load_report import LoadPublisher, report_path
+from sglang_ext.prefill_pacing import PrefillPacer
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.radix_walk import radix_continuation, walkable
 from sglang_ext.suffix_index import SessionIndexRegistry
@@ -164,6 +165,11 @@ class AgentSparkWorker(BaseSpecWorker):
         self._session_seen: dict[str, float] = {}
         self.tier_policy = TierPolicy.from_env()
         self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
+        # prefills of less important requests wait while they would break a running promise
+        defer_s = float(prof.get("prefill_max_defer_s", 0.0))
+        self.pacer: Optional[PrefillPacer] = (
+            PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)))
+            if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
         self.ragged = bool(drafter_prof.get("ragged_verify", True))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
         self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
@@ -297,8 +303,11 @@ class AgentSparkWorker(BaseSpecWorker):
         capture = CaptureHiddenMode.FULL if self.drafter is not None and batch.forward_mode.is_extend() else None
         # The target worker's plain path samples the prefill's token with SGLang's own sampler
         # (penalties, logit_bias, min_p, seeds included), so this step is plain decoding exactly.
+        t0 = time.perf_counter()
         res = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                           capture_hidden_mode=capture)
+        if self.pacer is not None and batch.forward_mode.is_extend():
+            self.pacer.observe_prefill(int(sum(batch.extend_lens)), time.perf_counter() - t0)
         if capture is not None:
             try:
                 hs = res.logits_output.hidden_states

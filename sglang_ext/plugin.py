@@ -34,9 +34,11 @@ def load() -> None:
         HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, cpu_matmul.around_lm_head, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LOAD_TARGET, cpu_matmul.after_load_model, HookType.AFTER)
 
-    from sglang_ext import algorithms
+    from sglang_ext import algorithms, prefill_pacing
 
     algorithms.register_all()
+    # a no-op unless the speculative worker carries a pacer (AGENTSPARK, tier-aware)
+    HookRegistry.register(prefill_pacing.TARGET, prefill_pacing.around_prefill, HookType.AROUND)
 
     import multiprocessing
 
