@@ -186,7 +186,7 @@ class AgentSparkWorker(BaseSpecWorker):
             head_w = getattr(head, "weight", None)
             drafter.attach_shared(emb, None if head_w is None or head_w is emb else head_w)
             drafter.eval()
-            if cpu_matmul.mode_from_profile() != "native":  # the drafter's products too (cpu_matmul.py)
+            if str(self.device) == "cpu" and cpu_matmul.mode_from_profile() != "native":  # its products too (cpu_matmul.py)
                 cpu_matmul.accelerate(drafter)
             target.set_dflash_layers_to_capture(list(drafter.config.target_layer_ids))
             self.block = min(drafter.config.block_size, self.max_width - 1)
