@@ -30,6 +30,12 @@ preparation (eagle_prepare_for_decode) adds one output token, output_ids[-1], pe
 penalizer, which counts everything only when every step emits one token (SGLang's own spec
 workers apply penalties "relaxed" for that reason). The prefill's token already comes from
 SGLang's sampler (_extend_step runs the target worker's plain path).
+
+A sampled request with a seed (sampling_seed / OpenAI seed; SGLang's deterministic mode off)
+emits, at each position, the keyed Gumbel-max draw of seeded_sampling.py, which plain decoding
+(our Sampler hook) emits too. Its rows are verified greedily against that draw: p becomes
+one-hot on it, so the output is the plain server's for that seed, token for token. Its model
+drafts use the same noise on the drafter's distribution (coupled drafting).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from sglang.srt.server_args import ServerArgs
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
-from sglang_ext import cpu_matmul, worker_metrics
+from sglang_ext import cpu_matmul, seeded_sampling, worker_metrics
 from sglang_ext.dspark.drafter import DSparkDrafter
 from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_from_probs
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
@@ -103,6 +109,27 @@ def _needs_sglang_sampler(req: Any, seeded: bool, custom: bool) -> bool:
                 or (seeded and sp.top_k > 1))  # a seed changes sampled rows only (greedy: top_k 1)
 
 
+class _NoiseCache:
+    """Gumbel noise of the step's seeded rows, per (row, verify position j), made once and
+    shared by the drafter (slot j) and the verifier (position j): the same (seed, position)."""
+
+    def __init__(self, seeds: list[Optional[int]], anchor_pos: list[int]) -> None:
+        self.seeds, self.pos = seeds, anchor_pos
+        self.any = any(s is not None for s in seeds)
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def at(self, i: int, j: int, vocab: int) -> torch.Tensor:
+        k = (i, j, vocab)
+        if k not in self._cache:
+            seed = self.seeds[i]
+            assert seed is not None
+            self._cache[k] = seeded_sampling.gumbel(seed, self.pos[i] + j, vocab)
+        return self._cache[k]
+
+    def block(self, i: int, g: int, vocab: int) -> torch.Tensor:
+        return torch.stack([self.at(i, j, vocab) for j in range(g)])
+
+
 def _prefix_products(conf: list[float]) -> list[float]:
     out, a = [], 1.0
     for c in conf:
@@ -129,6 +156,14 @@ class StepStats:
     tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
     emitted: list[int] = field(default_factory=list)  # tokens committed per request
     expected: list[float] = field(default_factory=list)  # expected accepted drafts per request, before sampling
+    # What the step's continuing requests waited for since the previous decode step: the gap
+    # from its end to this step's start, and the prefill forwards run in that gap (a prefill
+    # stall: every running stream stops while a new request is prefilled).
+    gap_s: float = 0.0
+    prefill_s: float = 0.0
+    waited: list[bool] = field(default_factory=list)  # per request: was in the previous decode step
+    rids: list[str] = field(default_factory=list)  # trace only
+    t: float = 0.0  # wall-clock end of the step (trace only)
 
 
 class AgentSparkWorker(BaseSpecWorker):
@@ -140,6 +175,8 @@ class AgentSparkWorker(BaseSpecWorker):
         self.device = get_device().device
         self.max_width: int = int(get_spec().speculative_num_draft_tokens)
         self._prev_rids: set[str] = set()
+        self._prefill_s = 0.0  # prefill forward seconds since the last decode step
+        self._decode_end: Optional[float] = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(getattr(server_args, "random_seed", 0) or 0))
         self.last = StepStats()
@@ -306,8 +343,10 @@ class AgentSparkWorker(BaseSpecWorker):
         t0 = time.perf_counter()
         res = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                           capture_hidden_mode=capture)
-        if self.pacer is not None and batch.forward_mode.is_extend():
-            self.pacer.observe_prefill(int(sum(batch.extend_lens)), time.perf_counter() - t0)
+        if batch.forward_mode.is_extend():
+            self._prefill_s += time.perf_counter() - t0
+            if self.pacer is not None:
+                self.pacer.observe_prefill(int(sum(batch.extend_lens)), time.perf_counter() - t0)
         if capture is not None:
             try:
                 hs = res.logits_output.hidden_states
@@ -425,6 +464,10 @@ class AgentSparkWorker(BaseSpecWorker):
         stats = StepStats(batch_size=len(batch.reqs))
         bs = len(batch.reqs)
         rids = [r.rid for r in batch.reqs]
+        t_start = time.perf_counter()
+        stats.waited = [r in self._prev_rids for r in rids]
+        stats.gap_s = 0.0 if self._decode_end is None else t_start - self._decode_end
+        stats.prefill_s, self._prefill_s = self._prefill_s, 0.0
         for gone in self._prev_rids - set(rids):
             self._forget(gone)
         self._prev_rids = set(rids)
@@ -440,6 +483,10 @@ class AgentSparkWorker(BaseSpecWorker):
         # A request needing SGLang's sampler: the whole step is width 1, no row drafts
         # (decided here, before any drafting, so it stays lossless); see the module docstring.
         sampler_rows = self._sampler_rows(batch)
+        # Seeded sampled rows: keyed draws, verified greedily (seeded_sampling.py).
+        seeds = (seeded_sampling.request_seeds(batch.reqs) if batch.sampling_info.sampling_seed is None
+                 else [None] * bs)
+        noise = _NoiseCache(seeds, seq_lens.tolist())
 
         # 1-2. propose (copy or model, per request), then schedule. Any drafter failure: the
         # model rows verify the anchor only.
@@ -472,7 +519,9 @@ class AgentSparkWorker(BaseSpecWorker):
                 for i, a in zip(model_rows, seq_lens[idx].tolist()):
                     self.contexts.trim(rids[i], a)  # positions from the anchor on are redone
                     ctxs.append(self.contexts.get(rids[i]))
-                blk = self.drafter.draft_block(ctxs, anchors[idx], seq_lens[idx], sampling.index(idx), generator=self.generator)
+                keyed = {k: noise.block(i, g, self._vocab()) for k, i in enumerate(model_rows) if seeds[i] is not None}
+                blk = self.drafter.draft_block(ctxs, anchors[idx], seq_lens[idx], sampling.index(idx),
+                                               generator=self.generator, gumbel=keyed or None)
                 drafts[idx] = blk.tokens[:, :g]
                 mconf = blk.confidences if blk.confidences is not None else torch.full_like(blk.tokens, 0.5, dtype=torch.float)
                 conf[idx] = mconf[:, :g].float()
@@ -585,6 +634,8 @@ class AgentSparkWorker(BaseSpecWorker):
                 p[keep] = process_logits(logits, sampling.index(rows))
             else:
                 p = process_logits(logits.view(bs * width, -1), sampling.expand(width)).view(bs, width, -1)
+            if noise.any:
+                greedy = self._keyed_targets(p, logits, widths, width, sampling, noise, greedy)
             if width > 1:
                 vr = verify_block(drafts[:, : width - 1], p, None if q_probs is None else q_probs[:, : width - 1],
                                   verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
@@ -629,7 +680,10 @@ class AgentSparkWorker(BaseSpecWorker):
         self.last = stats
         worker_metrics.observe_step(stats)
         self.load.observe(rids, stats.tiers, stats.emitted, self.sps.measured)
+        if worker_metrics.tracing():
+            stats.rids, stats.t = rids, time.time()
         worker_metrics.trace_step(stats)
+        self._decode_end = time.perf_counter()
 
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -642,6 +696,32 @@ class AgentSparkWorker(BaseSpecWorker):
                                               accept_tokens=flat, accept_lens=accept_lens),
             speculative_num_draft_tokens=self.max_width,
         )
+
+    def _vocab(self) -> int:
+        """Vocabulary size of the target's logits (the drafter shares its LM head)."""
+        assert self.drafter is not None
+        return int(self.drafter.lm_head_weight.shape[0])
+
+    def _keyed_targets(self, p: torch.Tensor, logits: torch.Tensor, widths: list[int], width: int,
+                       sampling: SamplingParams, noise: "_NoiseCache", greedy: torch.Tensor) -> torch.Tensor:
+        """Seeded rows: p[i, j] becomes one-hot on the keyed draw at that position, computed
+        from the row's raw logits exactly as plain decoding's Sampler hook does (one row at a
+        time, seeded_sampling.sample_row), and the row is verified greedily against it. Returns
+        the greedy mask including those rows."""
+        greedy = greedy.clone()
+        start = 0
+        for i, w in enumerate(widths):
+            if noise.seeds[i] is not None:
+                t, tp, tk = (float(sampling.temperature[i]), float(sampling.top_p[i]), int(sampling.top_k[i]))
+                for j in range(w):
+                    row = logits[start + j]  # ragged or not, request i's rows are consecutive
+                    probs = seeded_sampling.processed(row, t, tp, tk)
+                    tok = seeded_sampling.keyed_choice(probs, noise.seeds[i], noise.pos[i] + j, noise.at(i, j, probs.shape[-1]))
+                    p[i, j].zero_()
+                    p[i, j, tok] = 1.0
+                greedy[i] = True
+            start += w
+        return greedy
 
     def _best_width(self, decisions: list[Optional[HybridDecision]], copy_rows: list[int], model_rows: list[int],
                     rids: list[str], bs: int, kv: float = 0.0) -> int:

@@ -3,8 +3,10 @@
 SGLang calls `load()` early in every server process (main, scheduler, detokenizer). It:
 1. teaches the torch_native attention backend the TARGET_VERIFY forward, and picks the faster
    of bf16 and fp32 GEMM per weight shape and row count on CPUs (cpu_matmul.py);
-2. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
-3. in the HTTP process, adds agent identity and per-agent metrics (agent_api.py).
+2. honours per-request seeds on every device, identically with and without speculation
+   (seeded_sampling.py);
+3. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
+4. in the HTTP process, adds agent identity and per-agent metrics (agent_api.py).
 Failures are logged, never raised: a broken plugin must not take plain serving down.
 """
 
@@ -33,6 +35,11 @@ def load() -> None:
         HookRegistry.register(cpu_matmul.LINEAR_TARGET, cpu_matmul.around_linear, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, cpu_matmul.around_lm_head, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LOAD_TARGET, cpu_matmul.after_load_model, HookType.AFTER)
+
+    from sglang_ext import seeded_sampling
+
+    HookRegistry.register(seeded_sampling.TP_TARGET, seeded_sampling.around_tp_forward, HookType.AROUND)
+    HookRegistry.register(seeded_sampling.SAMPLER_TARGET, seeded_sampling.around_sampler, HookType.AROUND)
 
     from sglang_ext import algorithms, prefill_pacing
 

@@ -472,12 +472,14 @@ class DSparkDrafter(nn.Module):
         generator: Optional[torch.Generator] = None,
         prev_tokens: Optional[torch.Tensor] = None,
         use_sequential_head: bool = True,
+        gumbel: Optional[dict[int, torch.Tensor]] = None,
     ) -> DraftBlock:
         """Draft one block of g tokens for each of R requests.
 
         anchors [R]: the last target-produced token (not yet in the context); anchor_positions
         [R]: its position.  prev_tokens [R] is the Markov predecessor of slot 0 (defaults to the
         anchor, as in training).  The context of request r must cover positions < anchor_pos[r].
+        `gumbel` {r: noise [g, V]}: request r's drafts are keyed draws (sample_block_sequential).
         """
         g = self.config.block_size
         r = len(ctxs)
@@ -493,7 +495,7 @@ class DSparkDrafter(nn.Module):
         first_prev = anchors if prev_tokens is None else prev_tokens.to(self.device).long().reshape(r)
         bs: BlockSample = sample_block_sequential(
             base, hidden, first_prev, sampling,
-            self.markov_head.step if use_sequential_head else None, generator,
+            self.markov_head.step if use_sequential_head else None, generator, gumbel=gumbel,
         )
         conf_logit = self.confidence_logits(hidden, bs.prev_tokens)
         conf_raw = conf_cal = None

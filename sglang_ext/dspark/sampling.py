@@ -126,11 +126,14 @@ def sample_block_sequential(
     bias_step: Optional[BiasStep],
     generator: Optional[torch.Generator] = None,
     init_state: Optional[torch.Tensor] = None,
+    gumbel: Optional[dict[int, torch.Tensor]] = None,
 ) -> BlockSample:
     """Left-to-right sampling p_k(v) = softmax(U_k(v) + B_k(x_{<k}, v)) processed by `params`.
 
     base_logits [R, g, V], hidden [R, g, d], anchors [R].  With bias_step None this is plain
-    parallel (DFlash-style) sampling.
+    parallel (DFlash-style) sampling. `gumbel` {row: noise [g, V]}: those rows draw slot k as
+    argmax log p_k + noise[k] (a seeded request's keyed draw, seeded_sampling.py) instead of
+    from the generator.
     """
     r, g, v = base_logits.shape
     tokens = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
@@ -148,6 +151,8 @@ def sample_block_sequential(
             logits_k = logits_k + bias.float()
         probs = process_logits(logits_k, params)
         x = probs.argmax(-1) if all_greedy else sample_from_probs(probs, generator)
+        for i, noise in (gumbel or {}).items():
+            x[i] = torch.argmax(probs[i].double().log().cpu() + noise[k]).to(x.device)
         tokens[:, k] = x
         q[:, k] = probs
         all_logits[:, k] = logits_k

@@ -5,8 +5,9 @@ same request, also for a request without those features decoded in the same batc
 Each featured request is checked to really change plain SGLang's output (against its
 feature-free twin in the batch), so a worker that ignored the feature would fail here.
 The servers are the suite's shared plain/AGENTSPARK pair.
-Per-request seeds are routed the same way but not tested: SGLang honours sampling_seed only
-under --enable-deterministic-inference, which the CPU's torch_native backend does not allow."""
+Seeded sampled requests (seeded_sampling.py): SGLang alone ignores sampling_seed on CPU (its
+deterministic mode is GPU-only); with our plugin a seed fixes the output, and AGENTSPARK must
+emit the plain server's output for that seed, token for token, also in a mixed batch."""
 
 from __future__ import annotations
 
@@ -91,3 +92,54 @@ def test_min_p_sampled_matches_plain(plain_srv, spark_srv) -> None:
     greedy = {"temperature": 0, "max_new_tokens": 24}
     ref = both(plain_srv, spark_srv, [chat(CHAT), chat(CHAT), PROMPT], [sampled, greedy, greedy])
     assert ref[0] == ref[1]  # plain: min_p = 1 at temperature 1 is the argmax
+
+
+SEEDED_TEXTS = [chat(CHAT), chat("Write a Python function that reverses a linked list."),
+                chat("Call the weather tool for Paris and answer in JSON."), PROMPT]
+
+
+def test_seed_fixes_the_output_and_matters(plain_srv) -> None:
+    sp = {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 24}
+    a = gen(plain_srv.url, [chat(CHAT)] * 3, [{**sp, "sampling_seed": 11}, {**sp, "sampling_seed": 11},
+                                              {**sp, "sampling_seed": 12}])
+    assert a[0] == a[1], "same seed, same prompt, same batch: different outputs"
+    again = gen(plain_srv.url, [chat(CHAT)], [{**sp, "sampling_seed": 11}])[0]
+    assert again == a[0], "the seed's output changed with the batch it ran in"
+    assert a[2] != a[0], "another seed gave the same 24 sampled tokens: the seed is not used"
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 0.8, "top_p": 0.95}, {"temperature": 1.0, "top_k": 20},
+                                   {"temperature": 1.2, "min_p": 0.05}])
+def test_seeded_sampled_matches_plain(plain_srv, spark_srv, extra: dict) -> None:
+    # Four prompts (chat, code, a tool-call turn, a counting prompt that drafts well) with a
+    # seed each, plus an unseeded greedy row in the same batch.
+    base = {"max_new_tokens": 40, **extra}
+    params = [{**base, "sampling_seed": 100 + i} for i in range(len(SEEDED_TEXTS))]
+    texts = SEEDED_TEXTS + [PROMPT]
+    params.append({"temperature": 0, "max_new_tokens": 40})
+    before = _accepted(spark_srv.url)
+    ref = both(plain_srv, spark_srv, texts, params)
+    assert len({tuple(r) for r in ref[:4]}) == 4
+    # the worker really verified drafts of seeded rows (not only width-1 steps); min_p rows
+    # take SGLang's sampler at width 1 (module docstring of dspark_worker), so only the others
+    if "min_p" not in extra:
+        assert _accepted(spark_srv.url) > before
+
+
+def test_seeded_chat_completions_match_plain(plain_srv, spark_srv) -> None:
+    from openai import OpenAI
+
+    out = []
+    for srv in (plain_srv, spark_srv):
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none")
+        r = client.chat.completions.create(model="default", seed=2026, temperature=0.8, max_tokens=40,
+                                           messages=[{"role": "user", "content": "Write a haiku about servers."}])
+        out.append(r.choices[0].message.content)
+    assert out[0] == out[1]
+
+
+def _accepted(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(requests.get(url + "/metrics", timeout=60).text)
+               for s in fam.samples if s.name == "agentserve:spec_accepted_drafts_total")
