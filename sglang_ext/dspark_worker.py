@@ -635,7 +635,7 @@ class AgentSparkWorker(BaseSpecWorker):
             else:
                 p = process_logits(logits.view(bs * width, -1), sampling.expand(width)).view(bs, width, -1)
             if noise.any:
-                greedy = self._keyed_targets(p, logits, widths, width, sampling, noise, greedy)
+                greedy = self._keyed_targets(p, logits, widths, sampling, noise, greedy, drafts, lens)
             if width > 1:
                 vr = verify_block(drafts[:, : width - 1], p, None if q_probs is None else q_probs[:, : width - 1],
                                   verify_lens=lens.to(self.device), greedy=greedy, generator=self.generator)
@@ -679,7 +679,8 @@ class AgentSparkWorker(BaseSpecWorker):
         self._learn(batch, decisions, stats, emitted, conf, sampling.is_greedy)
         self.last = stats
         worker_metrics.observe_step(stats)
-        self.load.observe(rids, stats.tiers, stats.emitted, self.sps.measured)
+        self.load.observe(rids, stats.tiers, stats.emitted, self.sps.measured,
+                          behind=self.tier_policy.behind if self.scheduler_mode == "tier_aware" else None)
         if worker_metrics.tracing():
             stats.rids, stats.t = rids, time.time()
         worker_metrics.trace_step(stats)
@@ -702,12 +703,13 @@ class AgentSparkWorker(BaseSpecWorker):
         assert self.drafter is not None
         return int(self.drafter.lm_head_weight.shape[0])
 
-    def _keyed_targets(self, p: torch.Tensor, logits: torch.Tensor, widths: list[int], width: int,
-                       sampling: SamplingParams, noise: "_NoiseCache", greedy: torch.Tensor) -> torch.Tensor:
+    def _keyed_targets(self, p: torch.Tensor, logits: torch.Tensor, widths: list[int], sampling: SamplingParams,
+                       noise: "_NoiseCache", greedy: torch.Tensor, drafts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """Seeded rows: p[i, j] becomes one-hot on the keyed draw at that position, computed
         from the row's raw logits exactly as plain decoding's Sampler hook does (one row at a
-        time, seeded_sampling.sample_row), and the row is verified greedily against it. Returns
-        the greedy mask including those rows."""
+        time, seeded_sampling.sample_row), and the row is verified greedily against it. Rows
+        are drawn left to right up to the first draft that differs (or the bonus position):
+        verification never reads past it. Returns the greedy mask including those rows."""
         greedy = greedy.clone()
         start = 0
         for i, w in enumerate(widths):
@@ -719,6 +721,8 @@ class AgentSparkWorker(BaseSpecWorker):
                     tok = seeded_sampling.keyed_choice(probs, noise.seeds[i], noise.pos[i] + j, noise.at(i, j, probs.shape[-1]))
                     p[i, j].zero_()
                     p[i, j, tok] = 1.0
+                    if j >= int(lens[i]) or tok != int(drafts[i, j]):
+                        break
                 greedy[i] = True
             start += w
         return greedy

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from sglang_ext.dspark.sampling import SamplingParams, process_logits
+from sglang_ext.dspark.sampling import GREEDY_EPS
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,31 @@ def keyed_choice(probs: torch.Tensor, seed: int, position: int, noise: Optional[
 
 
 def processed(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, min_p: float = 0.0) -> torch.Tensor:
-    """One row's distribution [V] as the keyed draw uses it: process_logits (temperature,
-    top-p, top-k), then min-p (tokens below min_p x the most likely one's probability)."""
-    sp = SamplingParams.make([temperature], [top_p], [top_k])
-    p = process_logits(logits.reshape(1, -1), sp)[0]
+    """One row's distribution [V] as the keyed draw uses it: process_logits' semantics
+    (softmax at the temperature; drop ranks >= top_k and tokens whose preceding mass already
+    exceeds top_p, the most likely token always kept; renormalise), then min-p (tokens below
+    min_p x the most likely one's probability).
+
+    The top-k/top-p cut is found on a growing torch.topk prefix instead of a full sort of the
+    vocabulary (5 ms a row on this CPU; a seeded row is drawn at every verified position)."""
+    logits = logits.detach().float().reshape(-1)
+    v = logits.numel()
+    if temperature < GREEDY_EPS:
+        return torch.nn.functional.one_hot(logits.argmax(), v).float()
+    p = torch.softmax(logits / temperature, dim=-1)
+    k_cap = int(top_k) if 0 < int(top_k) < v else v
+    if top_p < 1.0 or k_cap < v:
+        k = min(k_cap, 256)
+        while True:
+            vals, idx = torch.topk(p, k)  # descending: the first k of the sorted vocabulary
+            keep = (torch.cumsum(vals, 0) - vals) <= top_p
+            keep[0] = True
+            if k >= k_cap or not bool(keep[-1]):
+                break  # the rank cut, or the top-p cut inside the prefix
+            k = min(k_cap, 4 * k)
+        cut = torch.zeros_like(p)
+        cut[idx[keep]] = vals[keep]
+        p = cut / cut.sum()
     if min_p > 0.0:
         p = torch.where(p < min_p * p.max(), torch.zeros_like(p), p)
     return p

@@ -95,3 +95,17 @@ def test_coupled_drafting_matches_the_keyed_target_draw() -> None:
     assert blk.tokens[0].tolist() == target
     # the uncoupled row is an ordinary draw from the generator, not the keyed one
     assert len(set(blk.tokens[1].tolist())) >= 1
+
+
+@pytest.mark.parametrize("t,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.9, -1), (1.0, 1.0, 50), (1.3, 0.99, 3000),
+                                         (0.5, 0.5, 10), (1.0, 0.999, -1)])
+def test_processed_equals_process_logits(t: float, top_p: float, top_k: int) -> None:
+    # the topk-prefix cut is the full-sort cut of process_logits (the verifier's semantics),
+    # also where the cut lies past the first prefix (top_k 3000, top_p 0.999 on flat logits)
+    torch.manual_seed(3)
+    for scale in (0.5, 3.0):
+        x = torch.randn(8000) * scale
+        ref = process_logits(x[None], SamplingParams.make([t], [top_p], [top_k]))[0]
+        got = ss.processed(x, t, top_p, top_k)
+        assert torch.equal(got > 0, ref > 0)
+        assert torch.allclose(got, ref, atol=1e-6)
