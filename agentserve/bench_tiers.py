@@ -5,11 +5,18 @@ Systems (same model, prompts, tiers and load, started one after another):
   verify_all  our worker (hybrid drafting), every draft verified, no admission control
   throughput  our worker, the paper's Algorithm 1 alone, no admission control
   tier_aware  our worker, Algorithm 1 with tier weights/caps + tier admission control
+  tier_aware_live  tier_aware with admission rule (b) on the running streams' live speed
+              (admission_live: true); an ablation, not in the default run
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
 refused (429/503); per level: total tok/s and verify budget per request (worker counters).
 Ratios against plain at the same level are the headline.
+Prefill stalls: the speculative systems run with AGENTSERVE_STEP_TRACE (one JSON line per
+decode step: its requests, and the prefill seconds run since the previous decode step), and
+each request is sent with its own rid, so every request's decode time splits into the time
+its stream stood still while other requests were prefilled and the rest. Per tier the table
+prints that stall share for the requests that met the target and for those that missed it.
 """
 
 from __future__ import annotations
@@ -34,20 +41,25 @@ TIER_SYSTEMS = {  # system -> (drafter system in bench.SYSTEMS, scheduler, admis
     "verify_all": ("hybrid", "verify_all", False),
     "throughput": ("hybrid", "throughput", False),
     "tier_aware": ("hybrid", "tier_aware", True),
+    "tier_aware_live": ("hybrid", "tier_aware", True),
 }
+DEFAULT_SYSTEMS = "plain,verify_all,throughput,tier_aware"
 
 
 def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
     drafter_sys, sched, admission = TIER_SYSTEMS[system]
     drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
     return base.model_copy(update={"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
-                                   "admission_control": admission, "agents": {}})
+                                   "admission_control": admission, "agents": {},
+                                   "admission_live": system == "tier_aware_live"})
 
 
-def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int) -> dict:
+def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, rid: str | None = None) -> dict:
     t0 = time.perf_counter()
-    r = requests.post(url + "/generate", headers={"x-agent-id": agent, "x-agent-tier": tier}, timeout=1800,
-                      json={"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new}})
+    body: dict = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}
+    if rid:
+        body["rid"] = rid
+    r = requests.post(url + "/generate", headers={"x-agent-id": agent, "x-agent-tier": tier}, timeout=1800, json=body)
     wall = time.perf_counter() - t0
     if r.status_code in (429, 503):
         return {"tier": tier, "status": r.status_code, "tokens": 0, "user_tps": None, "wall": wall}
@@ -55,10 +67,12 @@ def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int) -
     m = r.json()["meta_info"]
     n, e2e, ttft = int(m["completion_tokens"]), float(m["e2e_latency"]), float(m.get("first_token_latency") or 0)
     tps = (n - 1) / (e2e - ttft) if n > 1 and e2e > ttft else None
-    return {"tier": tier, "status": 200, "tokens": n, "user_tps": tps, "wall": wall, "tau": m.get("spec_accept_length")}
+    return {"tier": tier, "status": 200, "tokens": n, "user_tps": tps, "wall": wall, "tau": m.get("spec_accept_length"),
+            "rid": rid, "decode_s": max(0.0, e2e - ttft)}
 
 
-def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int) -> tuple[list[dict], float]:
+def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int,
+              tag: str = "") -> tuple[list[dict], float]:
     """`prompts`: this level's own conc x per_client prompts (a prompt an earlier level sent
     would be copied from the radix tree, which measures the cache, not the load)."""
     def client(k: int) -> list[dict]:
@@ -66,7 +80,7 @@ def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per
         out = []
         for j in range(per_client):
             ids = prompts[(k * per_client + j) % len(prompts)]
-            out.append(one_request(url, f"client-{k}", tier, ids, max_new))
+            out.append(one_request(url, f"client-{k}", tier, ids, max_new, rid=f"{tag}c{conc}-{k}-{j}" if tag else None))
             if out[-1]["status"] != 200:
                 time.sleep(1.0)  # back off as a client told Retry-After would
         return out
@@ -77,6 +91,33 @@ def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per
     return res, time.perf_counter() - t0
 
 
+def read_trace(path: Path) -> list[dict]:
+    """The decode-step trace lines written so far (none when the server wrote no trace)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return out
+
+
+def add_stalls(res: list[dict], steps: list[dict]) -> None:
+    """Each request's prefill stall: the prefill seconds of the gaps before the decode steps
+    it was waiting in (it was in the step before too), and that as a share of its decode time."""
+    stall: dict[str, float] = {}
+    for st in steps:
+        for rid, waited in zip(st.get("rids") or [], st.get("waited") or []):
+            if waited:
+                stall[rid] = stall.get(rid, 0.0) + float(st.get("prefill_s") or 0.0)
+    for r in res:
+        if r.get("rid") in stall or (steps and r.get("rid")):
+            r["stall_s"] = stall.get(r["rid"], 0.0)
+            r["stall_share"] = r["stall_s"] / r["decode_s"] if r.get("decode_s") else None
+
+
 def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier]) -> dict:
     row = {"system": system, "concurrency": conc, "total_tps": sum(r["tokens"] for r in res) / wall,
            "budget_per_request": spec.get("budget_per_request"), "tiers": {}}
@@ -85,8 +126,15 @@ def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, 
         done = [r for r in rs if r["status"] == 200 and r["user_tps"] is not None]
         att = (sum(1 for r in done if r["user_tps"] >= t.target_tokens_per_s) / len(done)
                if t.target_tokens_per_s and done else None)
+        def share(rs: list[dict]) -> float | None:
+            xs = [r["stall_share"] for r in rs if r.get("stall_share") is not None]
+            return statistics.mean(xs) if xs else None
+
+        met = [r for r in done if t.target_tokens_per_s and r["user_tps"] >= t.target_tokens_per_s]
+        missed = [r for r in done if t.target_tokens_per_s and r["user_tps"] < t.target_tokens_per_s]
         row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
-                                "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None}
+                                "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None,
+                                "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed)}
     row["requests"] = res  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
     return row
 
@@ -95,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agentserve bench --tiers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-dspark.yaml"))
-    ap.add_argument("--systems", default=",".join(TIER_SYSTEMS))
+    ap.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"from {','.join(TIER_SYSTEMS)}")
     ap.add_argument("--concurrency", default="1,2,4", help="levels; a 2-core CPU saturates at a few agents")
     ap.add_argument("--targets", default="interactive=20,standard=10,batch=0", help="tier=tok/s in priority order; 0 = best effort")
     ap.add_argument("--mix", default="interactive,standard,batch,standard", help="tiers of clients 0,1,2,.. round-robin")
@@ -139,14 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for s in systems:
         print(f"system {s} ...", file=sys.stderr)
-        with ServerProcess(tier_profile(base, s, tiers), log_path=out / f"bench-tiers-{s}.log") as srv:
+        trace = out / f"trace-{s}.jsonl"
+        trace.unlink(missing_ok=True)
+        env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[s][0] != "plain" else {}
+        with ServerProcess(tier_profile(base, s, tiers), log_path=out / f"bench-tiers-{s}.log", extra_env=env) as srv:
             one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
             for c in concs:
                 before = scrape(srv.url)
                 level = prompts[starts[c]: starts[c] + c * a.requests]
-                res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens)
+                res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens, tag=f"{s}-")
+                add_stalls(res, read_trace(trace))
                 rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers))
-                print(f"  {s:11s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
+                print(f"  {s:19s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
                       + " ".join(f"{k}:{v['attainment'] if v['attainment'] is None else round(v['attainment'], 2)}"
                                  for k, v in rows[-1]["tiers"].items()), file=sys.stderr)
     print_table(rows, tiers, machine)
@@ -158,14 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
-    head = f"{'conc':>4} {'system':11} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
+    head = f"{'conc':>4} {'system':19} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
     for t in tiers:
         head += f" | {t.name[:11]:>11} att  tok/s ref"
     print(head)
     plain = {r["concurrency"]: r["total_tps"] for r in rows if r["system"] == "plain"}
     for r in sorted(rows, key=lambda r: (r["concurrency"], list(TIER_SYSTEMS).index(r["system"]))):
         ratio = r["total_tps"] / plain[r["concurrency"]] if plain.get(r["concurrency"]) else None
-        line = (f"{r['concurrency']:>4} {r['system']:11} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
+        line = (f"{r['concurrency']:>4} {r['system']:19} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
                 f"{(r['budget_per_request'] or 0):>10.2f}")
         for t in tiers:
             v = r["tiers"][t.name]
@@ -173,6 +225,17 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
             tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
             line += f" | {'':>11} {att} {tps} {v['refused']:>3}"
         print(line)
+    traced = [r for r in rows if any(v.get("stall_share") is not None for v in r["tiers"].values())]
+    if traced:
+        print("\nprefill stalls: share of a request's decode time its stream stood still while others were "
+              "prefilled (all / met target / missed target)")
+        for r in sorted(traced, key=lambda r: (r["concurrency"], list(TIER_SYSTEMS).index(r["system"]))):
+            line = f"{r['concurrency']:>4} {r['system']:19}"
+            for t in tiers:
+                v = r["tiers"][t.name]
+                cells = [v.get(k) for k in ("stall_share", "stall_share_met", "stall_share_missed")]
+                line += f" | {t.name[:11]:>11} " + " / ".join("  -" if x is None else f"{x:3.0%}" for x in cells)
+            print(line)
 
 
 def plot(rows: list[dict], tiers: list[Tier], out: Path, machine: str) -> list[Path]:

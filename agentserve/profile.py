@@ -119,6 +119,10 @@ class Profile(_Strict):
     # τ predict a promised tier would fall below (1 + margin) x its target (admission.py rule c).
     admission_predict: bool = True
     admission_margin: float = Field(default=0.1, ge=0, le=1, description="headroom over a tier's target")
+    # Rule (b) from the worker's live view of the running requests (true), or from the
+    # attainment of requests finished in the last minute (false, default: the live view let
+    # lower tiers in sooner and their prefills broke promises, see README Measured).
+    admission_live: bool = False
     # Prefill pacing (agentspark, tier_aware scheduler; experimental, off by default: no gain
     # measured yet): a less important request's prefill waits while it would put a running
     # promised request below its target, at most this many seconds; sglang_ext/prefill_pacing.py

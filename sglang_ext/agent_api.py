@@ -88,7 +88,8 @@ class AgentRegistry:
         predict = bool(prof.get("admission_predict", True))
         self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)),
                              capacity=CapacityModel.for_profile(prof) if predict else None,
-                             margin=float(prof.get("admission_margin", 0.1)))
+                             margin=float(prof.get("admission_margin", 0.1)),
+                             live=bool(prof.get("admission_live", False)))
 
     def label(self, agent: str) -> str:
         with self.lock:

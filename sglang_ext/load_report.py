@@ -8,7 +8,9 @@ worker knows what admission needs to predict a tier's speed before admitting one
 - tokens emitted per step per request (τ), per tier, under the current drafting, and the τ of
   the slowest running request of each tier (a tier's mean hides the request whose drafts do
   not pay, and that request is the one that misses the promise);
-- the forward cost per batch-token count (OnlineSPS), to extrapolate to an unseen B.
+- the forward cost per batch-token count (OnlineSPS), to extrapolate to an unseen B;
+- per tier, how many running requests are below their target right now (tier-aware
+  scheduling measures each request's decode speed so far), which admission's rule (b) uses.
 `LoadPublisher` (scheduler) writes them a few times a second as one small JSON file beside
 SGLang's Prometheus multiprocess files; `CapacityModel` (HTTP) reads it and predicts
 
@@ -54,6 +56,7 @@ class LoadPublisher:
         self.tau_all: Optional[float] = None
         self.req_tau: dict[str, float] = {}  # running request -> its τ (EMA from its tier's mean)
         self.tau_min: dict[str, float] = {}  # tier -> τ of its slowest running request
+        self.behind: Optional[dict[str, int]] = None  # tier -> running requests below target (None: not measured)
         self._prev: Optional[tuple[float, int, frozenset[str]]] = None
         self._written = 0.0
 
@@ -61,9 +64,11 @@ class LoadPublisher:
         return new if old is None else (1 - self.ema) * old + self.ema * new
 
     def observe(self, rids: list[str], tiers: list[str], emitted: list[int],
-                forward: Callable[[], dict[int, float]]) -> None:
+                forward: Callable[[], dict[int, float]], behind: Optional[dict[str, int]] = None) -> None:
         """After a decode step: its requests, their tiers and tokens emitted; `forward()` gives
-        the measured forward seconds per batch-token count (called only when writing)."""
+        the measured forward seconds per batch-token count (called only when writing);
+        `behind`: running requests per tier below target (tier-aware scheduling only)."""
+        self.behind = None if behind is None else dict(behind)
         now = self.clock()
         cur = frozenset(rids)
         if self._prev is not None:
@@ -87,7 +92,7 @@ class LoadPublisher:
 
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
-                "tau_min": self.tau_min, "forward": forward, "time": time.time()}
+                "tau_min": self.tau_min, "forward": forward, "time": time.time(), "behind": self.behind}
 
     def write(self, forward: dict[int, float]) -> None:
         assert self.path is not None
@@ -143,7 +148,9 @@ class CapacityModel:
                 "tau": {str(k): float(v) for k, v in d.get("tau", {}).items()},
                 "tau_all": None if d.get("tau_all") is None else float(d["tau_all"]),
                 "tau_min": {str(k): float(v) for k, v in d.get("tau_min", {}).items()},
-                "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()}}
+                "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()},
+                "behind": None if d.get("behind") is None else {str(k): int(v) for k, v in d["behind"].items()},
+                "time": float(d.get("time") or 0.0)}
 
     def data(self) -> Optional[dict[str, Any]]:
         if self.path is None and self.locate is not None:
@@ -179,6 +186,15 @@ class CapacityModel:
         d = self.data() or {}
         return ((d.get("tau_min") or {}).get(tier) or (d.get("tau") or {}).get(tier) or d.get("tau_all")
                 or 1.0)
+
+    def behind(self, tier: str, max_age_s: float = 2.0) -> Optional[int]:
+        """Running requests of `tier` below their target at the scheduler's last decode step;
+        None when unknown (no report, not tier-aware, or no step in the last `max_age_s`: a long
+        prefill or an idle server says nothing about the streams now)."""
+        d = self.data()
+        if not d or d.get("behind") is None or time.time() - d.get("time", 0.0) > max_age_s:
+            return None
+        return int(d["behind"].get(tier, 0))
 
     def predict(self, tier: str, b: int) -> Optional[float]:
         """Predicted decode tok/s per user of `tier` with `b` requests running (None: unknown)."""

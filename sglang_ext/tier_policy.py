@@ -52,6 +52,7 @@ class TierPolicy:
         self.top = max((t.priority for t in tiers.values()), default=0)
         self.clock = clock
         self._start: dict[str, tuple[float, int]] = {}  # rid -> (time of first decode step, tokens then)
+        self.behind: dict[str, int] = {}  # tier -> running requests below target at the last step
 
     @classmethod
     def from_env(cls) -> TierPolicy:
@@ -86,6 +87,7 @@ class TierPolicy:
         r = len(rids)
         w = torch.ones(r, dtype=torch.float64)
         behind_prio: Optional[int] = None  # most important priority with a request behind target
+        self.behind = {}
         prio = []
         for i, (rid, tier, n) in enumerate(zip(rids, tiers, tokens)):
             info = self.tiers.get(tier)
@@ -95,6 +97,7 @@ class TierPolicy:
             if info is not None and info.target:
                 got = self.achieved(rid, n, now)
                 if got is not None and got < info.target:
+                    self.behind[tier] = self.behind.get(tier, 0) + 1
                     w[i] *= min(MAX_LAG, info.target / max(got, 1e-6))
                     behind_prio = p if behind_prio is None else min(behind_prio, p)
         if behind_prio is None:

@@ -47,6 +47,7 @@ def _metrics() -> dict[str, Any] | None:
             "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
             "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),
             "agent_accepted": Counter("agentserve:agent_spec_accepted_drafts_total", "Drafts accepted per agent and source", ["agent", "source"]),
+            "stall": Counter("agentserve:tier_prefill_stall_seconds_total", "Request-seconds running requests of the tier waited on other requests' prefills between two decode steps", ["tier"]),
             "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
@@ -96,6 +97,11 @@ def observe_step(stats: Any) -> None:
             if acc and src in ("copy", "radix", "model"):
                 m["agent_accepted"].labels(agent=a, source=src).inc(acc)
             m["tier_len"].labels(tier=tier or "none").observe(ell)
+        prefill_s = getattr(stats, "prefill_s", 0.0)
+        if prefill_s > 0:
+            for tier, waited in zip(tiers, getattr(stats, "waited", None) or []):
+                if waited:
+                    m["stall"].labels(tier=tier or "none").inc(prefill_s)
         m["phase"].labels(phase="draft").observe(stats.draft_s)
         m["phase"].labels(phase="schedule").observe(stats.schedule_s)
         m["phase"].labels(phase="verify").observe(stats.verify_s)

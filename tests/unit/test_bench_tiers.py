@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agentserve.bench import spec_delta
-from agentserve.bench_tiers import TIER_SYSTEMS, summarize, tier_profile
+from agentserve.bench_tiers import TIER_SYSTEMS, add_stalls, read_trace, summarize, tier_profile
 from agentserve.launcher import build_plan
 from agentserve.profile import Tier, load_profile
 
@@ -19,10 +19,12 @@ TIERS = [Tier(name="interactive", target_tokens_per_s=8.0, priority=0), Tier(nam
 @pytest.mark.parametrize("system", list(TIER_SYSTEMS))
 def test_each_system_is_a_valid_profile(system: str) -> None:
     prof = tier_profile(load_profile(REPO / "profiles" / "cpu-dspark.yaml"), system, TIERS)
-    assert prof.default_tier == "batch" and prof.admission_control == (system == "tier_aware")
+    assert prof.default_tier == "batch" and prof.admission_control == system.startswith("tier_aware")
+    assert prof.admission_live == (system == "tier_aware_live")
     assert (prof.drafter.algorithm == "none") == (system == "plain")
     if system != "plain":
-        assert prof.drafter.scheduler == {"verify_all": "verify_all", "throughput": "throughput", "tier_aware": "tier_aware"}[system]
+        assert prof.drafter.scheduler == {"verify_all": "verify_all", "throughput": "throughput", "tier_aware": "tier_aware",
+                                          "tier_aware_live": "tier_aware"}[system]
     assert build_plan(prof).argv  # the launcher accepts it
 
 
@@ -33,7 +35,8 @@ def test_summary_counts_attainment_and_refusals() -> None:
            {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0}]
     row = summarize("tier_aware", 4, res, 10.0, {"budget_per_request": 2.5}, TIERS)
     assert row["total_tps"] == 10.0 and row["budget_per_request"] == 2.5
-    assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0}
+    assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0,
+                                           "stall_share": None, "stall_share_met": None, "stall_share_missed": None}
     assert row["tiers"]["standard"]["refused"] == 1 and row["tiers"]["standard"]["attainment"] is None
     assert row["tiers"]["batch"]["attainment"] is None and row["tiers"]["batch"]["user_tps"] == 1.0
 
@@ -52,3 +55,26 @@ def test_spec_delta_conditional_acceptance() -> None:
     d = spec_delta(before, after)
     assert d["positions"] == {1: {"reached": 20.0, "accepted": 15.0}, 2: {"reached": 12.0, "accepted": 6.0}}
     assert d["budget_per_step"] == 4.0 and d["budget_per_request"] == 2.0 and d["batch_per_step"] == 2.0
+
+
+def test_prefill_stalls_from_the_step_trace(tmp_path: Path) -> None:
+    # Steps of a real trace's shape: "a" waits through two prefills (0.5 s and 0.25 s), "b"
+    # is prefilled in the first gap (not waiting: its own prefill is its time to first token)
+    # and waits through the second.
+    import json
+
+    trace = tmp_path / "t.jsonl"
+    steps = [{"rids": ["a"], "waited": [False], "prefill_s": 0.0},
+             {"rids": ["a", "b"], "waited": [True, False], "prefill_s": 0.5},
+             {"rids": ["a", "b"], "waited": [True, True], "prefill_s": 0.0},
+             {"rids": ["a", "b"], "waited": [True, True], "prefill_s": 0.25}]
+    trace.write_text("\n".join(json.dumps(s) for s in steps) + "\n{partial")
+    res = [{"tier": "interactive", "status": 200, "tokens": 30, "user_tps": 9.0, "rid": "a", "decode_s": 3.0},
+           {"tier": "interactive", "status": 200, "tokens": 30, "user_tps": 7.0, "rid": "b", "decode_s": 1.0},
+           {"tier": "batch", "status": 200, "tokens": 30, "user_tps": 7.0, "rid": "c", "decode_s": 1.0}]
+    add_stalls(res, read_trace(trace))
+    assert [r["stall_s"] for r in res] == [0.75, 0.25, 0.0]
+    assert res[0]["stall_share"] == 0.25 and res[1]["stall_share"] == 0.25
+    row = summarize("tier_aware", 2, res, 10.0, {}, TIERS)
+    assert row["tiers"]["interactive"]["stall_share_met"] == 0.25 and row["tiers"]["interactive"]["stall_share_missed"] == 0.25
+    assert read_trace(tmp_path / "none.jsonl") == []

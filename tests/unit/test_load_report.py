@@ -132,3 +132,41 @@ def test_a_promise_already_broken_at_this_load_does_not_serialise_its_own_tier()
         assert "predicted" in (gate.blocked_by("standard") or "")  # but less important work waits
 
     asyncio.run(run())
+
+
+def test_rule_b_follows_the_running_streams_when_the_scheduler_reports_them() -> None:
+    import time as _time
+
+    clk = Clock()
+    report = {"period": {}, "count": {}, "tau": {}, "forward": {}, "time": _time.time(),
+              "behind": {"interactive": 1}}
+    cap = CapacityModel.from_report(report)
+
+    async def run() -> None:
+        gate = TierGate(TIERS, clock=clk, capacity=cap, live=True)
+        assert TierGate(TIERS, capacity=cap).live is False  # opt-in (profile admission_live)
+        await gate.admit("interactive")
+        await gate.release("interactive", 1.0)  # one miss: look-back attainment 0 %
+        await gate.admit("interactive")
+        # a running interactive request is below target now: lower tiers wait, named why
+        assert "1 running request(s) below its 20 tok/s target" in (gate.blocked_by("batch") or "")
+        # back on target: lower tiers come in at once, although the look-back window still
+        # holds the earlier miss (the reactive gate would keep them out for the window)
+        cap._data["behind"] = {"interactive": 0}
+        assert gate.blocked_by("batch") is None
+        # a stale report (no decode step for > 2 s) says nothing about the streams now
+        cap._data["time"] = _time.time() - 10
+        assert cap.behind("interactive") is None
+        assert "below its 20 tok/s target (attainment 0%)" in (gate.blocked_by("batch") or "")
+
+    asyncio.run(run())
+
+
+def test_publisher_reports_the_streams_behind_target(tmp_path) -> None:
+    pub = LoadPublisher(tmp_path / "r.json", every_s=0.0)
+    pub.observe(["a", "b"], ["interactive", "batch"], [1, 1], lambda: {}, behind={"interactive": 1})
+    cap = CapacityModel(tmp_path / "r.json")
+    assert cap.behind("interactive") == 1 and cap.behind("batch") == 0
+    pub.observe(["a", "b"], ["interactive", "batch"], [1, 1], lambda: {})  # not tier-aware: unknown
+    cap._read_at = -1e9
+    assert cap.behind("interactive") is None
