@@ -7,6 +7,9 @@ Systems (same model, prompts, tiers and load, started one after another):
   tier_aware  our worker, Algorithm 1 with tier weights/caps + tier admission control
   tier_aware_live  tier_aware with admission rule (b) on the running streams' live speed
               (admission_live: true); an ablation, not in the default run
+A system name may end in "+mixed": the same system with SGLang's --enable-mixed-chunk (a new
+request's prefill runs in one batch with a decode token of every running request, so running
+streams do not stand still while it is prefilled), e.g. --systems plain,plain+mixed.
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
@@ -46,12 +49,22 @@ TIER_SYSTEMS = {  # system -> (drafter system in bench.SYSTEMS, scheduler, admis
 DEFAULT_SYSTEMS = "plain,verify_all,throughput,tier_aware"
 
 
+MIXED = "+mixed"
+
+
+def _base_system(system: str) -> str:
+    return system[: -len(MIXED)] if system.endswith(MIXED) else system
+
+
 def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
-    drafter_sys, sched, admission = TIER_SYSTEMS[system]
+    name = _base_system(system)
+    drafter_sys, sched, admission = TIER_SYSTEMS[name]
     drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
-    return base.model_copy(update={"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
-                                   "admission_control": admission, "agents": {},
-                                   "admission_live": system == "tier_aware_live"})
+    update: dict = {"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
+                    "admission_control": admission, "agents": {}, "admission_live": name == "tier_aware_live"}
+    if system.endswith(MIXED):
+        update["server"] = base.server.model_copy(update={"extra_args": [*base.server.extra_args, "--enable-mixed-chunk"]})
+    return base.model_copy(update=update)
 
 
 def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, rid: str | None = None) -> dict:
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.concurrency, a.requests = "1,4", 1
     systems = [s for s in a.systems.split(",") if s]
-    bad = [s for s in systems if s not in TIER_SYSTEMS]
+    bad = [s for s in systems if _base_system(s) not in TIER_SYSTEMS]
     if bad:
         ap.error(f"--systems: unknown {bad}; choose from {list(TIER_SYSTEMS)}")
     tiers = []
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"system {s} ...", file=sys.stderr)
         trace = out / f"trace-{s}.jsonl"
         trace.unlink(missing_ok=True)
-        env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[s][0] != "plain" else {}
+        env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[_base_system(s)][0] != "plain" else {}
         with ServerProcess(tier_profile(base, s, tiers), log_path=out / f"bench-tiers-{s}.log", extra_env=env) as srv:
             one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
             for c in concs:
@@ -208,14 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _order(system: str) -> tuple[int, bool]:
+    return list(TIER_SYSTEMS).index(_base_system(system)), system.endswith(MIXED)
+
+
 def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
     head = f"{'conc':>4} {'system':19} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
     for t in tiers:
         head += f" | {t.name[:11]:>11} att  tok/s ref"
-    print(head)
-    plain = {r["concurrency"]: r["total_tps"] for r in rows if r["system"] == "plain"}
-    for r in sorted(rows, key=lambda r: (r["concurrency"], list(TIER_SYSTEMS).index(r["system"]))):
+    print(head + "   (x plain: against the fastest plain system of the run at that concurrency)")
+    plain: dict[int, float] = {}  # the ratio's base: the fastest plain configuration in the run
+    for r in rows:
+        if _base_system(r["system"]) == "plain":
+            plain[r["concurrency"]] = max(plain.get(r["concurrency"], 0.0), r["total_tps"])
+    for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
         ratio = r["total_tps"] / plain[r["concurrency"]] if plain.get(r["concurrency"]) else None
         line = (f"{r['concurrency']:>4} {r['system']:19} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
                 f"{(r['budget_per_request'] or 0):>10.2f}")
@@ -229,7 +249,7 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     if traced:
         print("\nprefill stalls: share of a request's decode time its stream stood still while others were "
               "prefilled (all / met target / missed target)")
-        for r in sorted(traced, key=lambda r: (r["concurrency"], list(TIER_SYSTEMS).index(r["system"]))):
+        for r in sorted(traced, key=lambda r: (r["concurrency"], _order(r["system"]))):
             line = f"{r['concurrency']:>4} {r['system']:19}"
             for t in tiers:
                 v = r["tiers"][t.name]

@@ -39,6 +39,12 @@ def _spec_class() -> type:
         def need_topk(self) -> bool:
             return False
 
+        def supports_mixed_chunk(self) -> bool:
+            # AGENTSPARK runs synchronously (no overlap relay) and takes a mixed batch as its
+            # extend step: the running requests decode one token each through the target's
+            # plain path and SGLang's sampler, then resume drafting from the emitted token.
+            return self.name == AGENTSPARK
+
         def create_future_map(self, device: Any, req_to_token_pool: Any, needs_cpu_seq_lens: bool = True,
                               needs_confidence_relay: bool = False) -> Any:
             from sglang.srt.managers.overlap_utils import FutureMap
@@ -50,7 +56,14 @@ def _spec_class() -> type:
             # width defaults, overlap off on CPU).
             from sglang.srt.arg_groups.speculative_hook import _handle_ngram
 
+            mixed = bool(getattr(server_args, "enable_mixed_chunk", False))
             _handle_ngram(server_args)
+            if str(getattr(server_args, "speculative_algorithm", "")).upper() == AGENTSPARK and mixed:
+                # AGENTSPARK runs a mixed batch (prefill chunk + one token for each running
+                # request) as its extend step through the target's plain path and SGLang's
+                # sampler, so --enable-mixed-chunk keeps its meaning: running streams go on
+                # decoding while a new request is prefilled instead of standing still.
+                server_args.enable_mixed_chunk = True  # SGLang declares a callback's writes
 
     return NgramFamilySpec
 

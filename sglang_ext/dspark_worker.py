@@ -344,7 +344,9 @@ class AgentSparkWorker(BaseSpecWorker):
         res = self.target_worker.forward_batch_generation(batch, pp_proxy_tensors=pp_proxy_tensors,
                                                           capture_hidden_mode=capture)
         if batch.forward_mode.is_extend():
-            if not batch.forward_mode.is_mixed():  # a mixed step decodes the running requests too
+            if batch.forward_mode.is_mixed():  # a mixed step decodes the running requests too
+                worker_metrics.mixed_step()
+            else:
                 self._prefill_s += time.perf_counter() - t0
             if self.pacer is not None:
                 self.pacer.observe_prefill(int(sum(batch.extend_lens)), time.perf_counter() - t0)

@@ -47,6 +47,7 @@ def _metrics() -> dict[str, Any] | None:
             "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
             "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),
             "agent_accepted": Counter("agentserve:agent_spec_accepted_drafts_total", "Drafts accepted per agent and source", ["agent", "source"]),
+            "mixed": Counter("agentserve:spec_mixed_steps_total", "Extend steps that also decoded the running requests (--enable-mixed-chunk)"),
             "stall": Counter("agentserve:tier_prefill_stall_seconds_total", "Request-seconds running requests of the tier waited on other requests' prefills between two decode steps", ["tier"]),
             "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
@@ -60,6 +61,15 @@ def fallback(reason: str) -> None:
     m = _metrics()
     if m:
         m["fallback"].labels(reason=reason).inc()
+
+
+def mixed_step() -> None:
+    m = _metrics()
+    if m:
+        try:
+            m["mixed"].inc()
+        except Exception as e:  # pragma: no cover
+            log.debug("metric update failed: %s", e)
 
 
 def observe_step(stats: Any) -> None:

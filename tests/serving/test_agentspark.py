@@ -266,3 +266,45 @@ def test_streamed_tool_call_deltas_equal_the_whole_call_under_multi_token_steps(
     row = next(a for a in requests.get(agentspark_server.url + "/agentserve/v1/agents", timeout=60).json()["agents"]
                if a["agent_id"] == agent)
     assert row["accept_length"] == pytest.approx(val["tokens"] / val["steps"]) and row["copy_share"] > 0
+
+
+@pytest.fixture(scope="module")
+def mixed_chunk_server():
+    """AGENTSPARK with SGLang's --enable-mixed-chunk (stopped when this module ends)."""
+    from agentserve.procs import ServerProcess
+    from agentserve.profile import load_profile
+
+    prof = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "agentspark-fp32.yaml")
+    prof = prof.model_copy(update={"server": prof.server.model_copy(update={"extra_args": ["--enable-mixed-chunk"]})})
+    srv = ServerProcess(prof, log_path=Path(__file__).resolve().parents[2] / ".pytest_cache" / "server-logs" / "agentspark-mixed.log")
+    srv.start(timeout=900)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_mixed_chunk_steps_identical_to_plain(plain_server, mixed_chunk_server) -> None:
+    # Requests arrive while others decode, so their prefills run in mixed steps: the running
+    # requests decode one token each in the same batch, then go on drafting. Greedy outputs
+    # must stay plain decoding's.
+    import concurrent.futures as cf
+    import time
+
+    texts = [chat(p) for p in ("Write a Python function that reverses a linked list.", "Count from 1 to 30.",
+                               "Name three planets and one fact each.", "Write a bash loop that prints 1..10.")]
+
+    def run(url: str) -> list[list[int]]:
+        def one(i: int) -> list[int]:
+            time.sleep(0.8 * i)
+            return gen(url, {"text": texts[i], "sampling_params": {"temperature": 0, "max_new_tokens": 48}})["output_ids"]
+
+        with cf.ThreadPoolExecutor(len(texts)) as ex:
+            return list(ex.map(one, range(len(texts))))
+
+    ref = run(plain_server.url)
+    before = _counter(mixed_chunk_server.url, "agentserve:spec_mixed_steps_total")
+    got = run(mixed_chunk_server.url)
+    assert got == ref
+    assert _counter(mixed_chunk_server.url, "agentserve:spec_mixed_steps_total") > before  # mixed steps ran
+    assert _counter(mixed_chunk_server.url, "agentserve:spec_accepted_drafts_total") > 0  # and speculation

@@ -78,3 +78,11 @@ def test_prefill_stalls_from_the_step_trace(tmp_path: Path) -> None:
     row = summarize("tier_aware", 2, res, 10.0, {}, TIERS)
     assert row["tiers"]["interactive"]["stall_share_met"] == 0.25 and row["tiers"]["interactive"]["stall_share_missed"] == 0.25
     assert read_trace(tmp_path / "none.jsonl") == []
+
+
+def test_mixed_suffix_adds_sglang_mixed_chunk() -> None:
+    base = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
+    prof = tier_profile(base, "tier_aware+mixed", TIERS)
+    assert prof.server.extra_args[-1] == "--enable-mixed-chunk" and prof.admission_control
+    assert "--enable-mixed-chunk" in build_plan(prof).argv
+    assert "--enable-mixed-chunk" not in build_plan(tier_profile(base, "tier_aware", TIERS)).argv
