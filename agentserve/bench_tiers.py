@@ -9,7 +9,9 @@ Systems (same model, prompts, tiers and load, started one after another):
               (admission_live: true); an ablation, not in the default run
 A system name may end in "+mixed": the same system with SGLang's --enable-mixed-chunk (a new
 request's prefill runs in one batch with a decode token of every running request, so running
-streams do not stand still while it is prefilled), e.g. --systems plain,plain+mixed.
+streams do not stand still while it is prefilled), e.g. --systems plain,plain+mixed; and in
+"@FIELD=VALUE" (repeatable): the same system with that top-level profile field set, e.g.
+tier_aware@admission_margin=0 (an ablation in the same run; the value is YAML).
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
@@ -52,8 +54,23 @@ DEFAULT_SYSTEMS = "plain,verify_all,throughput,tier_aware"
 MIXED = "+mixed"
 
 
+def _split(system: str) -> tuple[str, dict[str, object]]:
+    """'name[+mixed][@field=value...]' -> ('name[+mixed]', {field: value})."""
+    import yaml
+
+    name, *sets = system.split("@")
+    fields: dict[str, object] = {}
+    for item in sets:
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--systems: '{item}' in '{system}' is not FIELD=VALUE")
+        fields[key] = yaml.safe_load(val)
+    return name, fields
+
+
 def _base_system(system: str) -> str:
-    return system[: -len(MIXED)] if system.endswith(MIXED) else system
+    name = _split(system)[0]
+    return name[: -len(MIXED)] if name.endswith(MIXED) else name
 
 
 def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
@@ -62,9 +79,13 @@ def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
     drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
     update: dict = {"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
                     "admission_control": admission, "agents": {}, "admission_live": name == "tier_aware_live"}
-    if system.endswith(MIXED):
+    if _split(system)[0].endswith(MIXED):
         update["server"] = base.server.model_copy(update={"extra_args": [*base.server.extra_args, "--enable-mixed-chunk"]})
-    return base.model_copy(update=update)
+    prof = base.model_copy(update=update)
+    fields = _split(system)[1]
+    if fields:  # validated like a profile file: a bad field or value names itself
+        prof = Profile.model_validate({**prof.model_dump(), **fields})
+    return prof
 
 
 def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, rid: str | None = None) -> dict:
@@ -170,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.concurrency, a.requests = "1,4", 1
     systems = [s for s in a.systems.split(",") if s]
-    bad = [s for s in systems if _base_system(s) not in TIER_SYSTEMS]
+    try:
+        bad = [s for s in systems if _base_system(s) not in TIER_SYSTEMS]
+    except ValueError as e:
+        ap.error(str(e))
     if bad:
         ap.error(f"--systems: unknown {bad}; choose from {list(TIER_SYSTEMS)}")
     tiers = []
@@ -221,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _order(system: str) -> tuple[int, bool]:
-    return list(TIER_SYSTEMS).index(_base_system(system)), system.endswith(MIXED)
+def _order(system: str) -> tuple[int, str]:
+    return list(TIER_SYSTEMS).index(_base_system(system)), system
 
 
 def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
-    head = f"{'conc':>4} {'system':19} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
+    w = max([19] + [len(r["system"]) for r in rows])
+    head = f"{'conc':>4} {'system':{w}} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
     for t in tiers:
         head += f" | {t.name[:11]:>11} att  tok/s ref"
     print(head + "   (x plain: against the fastest plain system of the run at that concurrency)")
@@ -237,7 +262,7 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
             plain[r["concurrency"]] = max(plain.get(r["concurrency"], 0.0), r["total_tps"])
     for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
         ratio = r["total_tps"] / plain[r["concurrency"]] if plain.get(r["concurrency"]) else None
-        line = (f"{r['concurrency']:>4} {r['system']:19} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
+        line = (f"{r['concurrency']:>4} {r['system']:{w}} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
                 f"{(r['budget_per_request'] or 0):>10.2f}")
         for t in tiers:
             v = r["tiers"][t.name]
@@ -250,7 +275,7 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
         print("\nprefill stalls: share of a request's decode time its stream stood still while others were "
               "prefilled (all / met target / missed target)")
         for r in sorted(traced, key=lambda r: (r["concurrency"], _order(r["system"]))):
-            line = f"{r['concurrency']:>4} {r['system']:19}"
+            line = f"{r['concurrency']:>4} {r['system']:{w}}"
             for t in tiers:
                 v = r["tiers"][t.name]
                 cells = [v.get(k) for k in ("stall_share", "stall_share_met", "stall_share_missed")]

@@ -86,3 +86,14 @@ def test_mixed_suffix_adds_sglang_mixed_chunk() -> None:
     assert prof.server.extra_args[-1] == "--enable-mixed-chunk" and prof.admission_control
     assert "--enable-mixed-chunk" in build_plan(prof).argv
     assert "--enable-mixed-chunk" not in build_plan(tier_profile(base, "tier_aware", TIERS)).argv
+
+
+def test_field_suffix_sets_a_profile_field_with_validation() -> None:
+    base = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
+    prof = tier_profile(base, "tier_aware@admission_margin=0@admission_predict=false", TIERS)
+    assert prof.admission_margin == 0.0 and prof.admission_predict is False and prof.drafter.scheduler == "tier_aware"
+    assert tier_profile(base, "tier_aware", TIERS).admission_margin == base.admission_margin
+    with pytest.raises(Exception, match="admission_margin"):
+        tier_profile(base, "tier_aware@admission_margin=abc", TIERS)
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        tier_profile(base, "tier_aware@admission_margin", TIERS)
