@@ -83,7 +83,10 @@ HELP = """\
                and mean verify width (agentserve:verify_*), and a scatter of the
                verify budget against the speculative batch size, one dot per poll
                (window means)
-  tiers        attainment per interactivity tier (from /agentserve/v1/agents)
+  tiers        attainment per interactivity tier (from /agentserve/v1/agents), and
+               how many of the tier's running streams stood still for other
+               requests' prefills, on average over the window
+               (agentserve:tier_prefill_stall_seconds_total)
   agents       per-agent latency percentiles, tok/s, τ, copy share, tier
 
 Values the server does not export are shown as "n/a". When the server goes away the
@@ -282,7 +285,7 @@ class ConsoleApp(App[None]):
             self.agents = agents
             self.main_widget(AcceptancePanel).update_from(snap, self.win)
             self.main_widget(LoadPanel).update_from(snap, self.win)
-            self.main_widget(TiersPanel).update_from(agents or AgentsSnapshot(False, note="not polled"))
+            self.main_widget(TiersPanel).update_from(agents or AgentsSnapshot(False, note="not polled"), self.win)
             if agents is not None and agents.available:
                 for a in agents.agents:
                     if a.tokens_per_s is not None:

@@ -177,6 +177,7 @@ class MetricsSnapshot:
     verified_by_pos: dict[int, float] = field(default_factory=dict)
     accepted_by_pos: dict[int, float] = field(default_factory=dict)
     fallbacks: dict[str, float] = field(default_factory=dict)          # by reason
+    prefill_stall_s: dict[str, float] = field(default_factory=dict)    # by tier: request-seconds stalled
 
     @property
     def has_metrics(self) -> bool:
@@ -228,6 +229,7 @@ def snapshot_from_text(text: str, t: float | None = None) -> MetricsSnapshot:
         verified_by_pos=_positions(_counter_by_label(s, "agentserve:spec_verified_drafts", "position")),
         accepted_by_pos=_positions(_counter_by_label(s, "agentserve:spec_accepted_drafts", "position")),
         fallbacks=_counter_by_label(s, "agentserve:drafter_fallback", "reason"),
+        prefill_stall_s=_counter_by_label(s, "agentserve:tier_prefill_stall_seconds", "tier"),
     )
 
 
@@ -364,6 +366,9 @@ class Window:
     itl_p50: float | None = None
     itl_p95: float | None = None
     acceptance_by_pos: dict[int, float] = field(default_factory=dict)   # accepted / verified
+    # per tier: running streams standing still for other requests' prefills, on average over
+    # the window (request-seconds stalled per second)
+    stalled_streams: dict[str, float] = field(default_factory=dict)
 
 
 def _rate(cur: float | None, prev: float | None, dt: float | None) -> float | None:
@@ -401,6 +406,10 @@ def window(prev: MetricsSnapshot | None, cur: MetricsSnapshot) -> Window:
         w.ttft_p50, w.ttft_p95 = ttft.quantile(0.5), ttft.quantile(0.95)
     if itl:
         w.itl_p50, w.itl_p95 = itl.quantile(0.5), itl.quantile(0.95)
+    for tier, cur_s in cur.prefill_stall_s.items():
+        r = _rate(cur_s, p.prefill_stall_s.get(tier, 0.0 if prev is not None else None), dt)
+        if r is not None:
+            w.stalled_streams[tier] = r
     # Per-position acceptance over the window, or lifetime where the window verified nothing.
     for pos, ver in cur.verified_by_pos.items():
         acc = cur.accepted_by_pos.get(pos, 0.0)

@@ -198,8 +198,9 @@ class TiersPanel(Panel):
     def compose(self) -> ComposeResult:
         yield Static(NA, id="tiers-text")
 
-    def update_from(self, agents: AgentsSnapshot) -> None:
+    def update_from(self, agents: AgentsSnapshot, win: Window | None = None) -> None:
         t = Text()
+        stalled = win.stalled_streams if win is not None else {}
         if not agents.available:
             t.append(f"n/a — per-agent endpoint: {agents.note or 'unavailable'}", "dim")
         elif not agents.tiers:
@@ -211,7 +212,10 @@ class TiersPanel(Panel):
                 t.append(bar(tier.attainment, 16), color)
                 t.append(f" {fmt_pct(tier.attainment):>4}")
                 t.append(f"  target {fmt_f(tier.target_tokens_per_s, 0)} tok/s", "dim")
-                t.append(f"  admitted {fmt_i(tier.admitted)} queued {fmt_i(tier.queued)} refused {fmt_i(tier.refused)}\n")
+                t.append(f"  admitted {fmt_i(tier.admitted)} queued {fmt_i(tier.queued)} refused {fmt_i(tier.refused)}")
+                if tier.name in stalled:  # streams of the tier standing still for others' prefills
+                    t.append(f"  prefill-stalled {stalled[tier.name]:.1f}", "yellow" if stalled[tier.name] >= 0.5 else "dim")
+                t.append("\n")
         self.query_one("#tiers-text", Static).update(t)
 
 

@@ -31,6 +31,8 @@ def crafted_metrics(step: int = 1) -> str:
         f"sglang:spec_accept_rate{{{lab}}} 0.55",
         "# TYPE sglang:generation_tokens_total counter",
         f"sglang:generation_tokens_total{{{lab}}} {100.0 * n}",
+        "# TYPE agentserve:tier_prefill_stall_seconds_total counter",
+        f'agentserve:tier_prefill_stall_seconds_total{{tier="interactive"}} {0.25 * n}',
         "# TYPE sglang:num_requests_total counter",
         f"sglang:num_requests_total{{{lab}}} {3.0 * n}",
         "# TYPE sglang:time_to_first_token_seconds histogram",

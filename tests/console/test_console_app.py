@@ -34,6 +34,10 @@ async def test_panels_table_sorting_drilldown_help(fake_server):
         assert len(app.query_one("#tau-spark").data) >= 3
         tiers = widget_text(app, "#tiers-text")
         assert "interactive" in tiers and "93%" in tiers and "refused 2" in tiers
+        # the fake adds 0.25 stalled request-seconds per poll (0.2 s apart): ~1.2 streams stalled
+        import re
+        m = re.search(r"prefill-stalled (\d+\.\d)", tiers)
+        assert m and 0.3 <= float(m.group(1)) <= 5.0, tiers
         assert "connected to" in widget_text(app, "#status")
         assert "• " in widget_text(app, "#scatter") or "•" in widget_text(app, "#scatter")
 

@@ -38,6 +38,9 @@ def test_window_rates_and_per_position_acceptance():
     assert {p: round(v, 3) for p, v in w.acceptance_by_pos.items()} == {1: 0.9, 2: 0.7, 3: 0.5, 4: 0.25}
     # TTFT in the window: 2 of 6 under 0.1 s, the rest under 0.5 s
     assert 0.1 < w.ttft_p50 < 0.5
+    # prefill stalls: (1.0 - 0.5) request-seconds in 2 s = 0.25 streams stalled on average
+    assert w.stalled_streams == {"interactive": 0.25}
+    assert window(None, b).stalled_streams == {}  # no rate without a previous poll
 
 
 def test_window_after_server_restart_does_not_go_negative():
