@@ -284,10 +284,11 @@ def mixed_chunk_server():
         srv.stop()
 
 
-def test_mixed_chunk_steps_identical_to_plain(plain_server, mixed_chunk_server) -> None:
+def test_mixed_chunk_steps_identical_to_plain(plain_server, agentspark_server, mixed_chunk_server) -> None:
     # Requests arrive while others decode, so their prefills run in mixed steps: the running
     # requests decode one token each in the same batch, then go on drafting. Greedy outputs
-    # must stay plain decoding's.
+    # must stay plain decoding's. Without mixed chunk the same arrivals stall the running
+    # streams, which the worker's prefill-stall counter records.
     import concurrent.futures as cf
     import time
 
@@ -302,9 +303,16 @@ def test_mixed_chunk_steps_identical_to_plain(plain_server, mixed_chunk_server) 
         with cf.ThreadPoolExecutor(len(texts)) as ex:
             return list(ex.map(one, range(len(texts))))
 
+    stall = "agentserve:tier_prefill_stall_seconds_total"
     ref = run(plain_server.url)
+    stall0 = _counter(agentspark_server.url, stall)
+    assert run(agentspark_server.url) == ref
+    stalled = _counter(agentspark_server.url, stall) - stall0
+    assert stalled > 0  # running streams waited on the later arrivals' prefills
     before = _counter(mixed_chunk_server.url, "agentserve:spec_mixed_steps_total")
+    mixed_stall0 = _counter(mixed_chunk_server.url, stall)
     got = run(mixed_chunk_server.url)
     assert got == ref
     assert _counter(mixed_chunk_server.url, "agentserve:spec_mixed_steps_total") > before  # mixed steps ran
     assert _counter(mixed_chunk_server.url, "agentserve:spec_accepted_drafts_total") > 0  # and speculation
+    assert _counter(mixed_chunk_server.url, stall) - mixed_stall0 < stalled  # mixed steps keep them decoding
