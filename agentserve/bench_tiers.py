@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import requests
+from pydantic import ValidationError
 
 from agentserve.bench import REPO, SYSTEMS, load_prompts, parse_list, save_figure, scrape, spec_delta
 from agentserve.procs import ServerProcess
@@ -213,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_profile(a.profile)
+    profiles = {}
+    for s in systems:  # every system's profile before any server starts: a bad @FIELD=VALUE is named now
+        try:
+            profiles[s] = tier_profile(base, s, tiers)
+        except ValidationError as e:
+            ap.error(f"--systems: '{s}': " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
     from transformers import AutoTokenizer
 
     need = 1 + sum(c * a.requests for c in concs)  # one for the warm-up
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = out / f"trace-{s}.jsonl"
         trace.unlink(missing_ok=True)
         env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[_base_system(s)][0] != "plain" else {}
-        with ServerProcess(tier_profile(base, s, tiers), log_path=out / f"bench-tiers-{s}.log", extra_env=env) as srv:
+        with ServerProcess(profiles[s], log_path=out / f"bench-tiers-{s}.log", extra_env=env) as srv:
             one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
             for c in concs:
                 before = scrape(srv.url)

@@ -93,8 +93,6 @@ def test_coupled_drafting_matches_the_keyed_target_draw() -> None:
     target = [ss.keyed_choice(process_logits(base[0, k][None], params.index(torch.tensor([0])))[0], seed, anchor_pos + k)
               for k in range(g)]
     assert blk.tokens[0].tolist() == target
-    # the uncoupled row is an ordinary draw from the generator, not the keyed one
-    assert len(set(blk.tokens[1].tolist())) >= 1
 
 
 @pytest.mark.parametrize("t,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.9, -1), (1.0, 1.0, 50), (1.3, 0.99, 3000),
