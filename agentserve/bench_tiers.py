@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--domain", default="code", choices=["code", "math", "chat", "agent"],
                     help="prompt set (agent traces are 1-3.5k tokens: slow to prefill on a CPU)")
+    ap.add_argument("--max-agent-prompt", type=int, default=768,
+                    help="agent domain: cut each trace before the last assistant turn starting within this many tokens")
     ap.add_argument("--quick", action="store_true", help="levels 1,4 and 1 request per client")
     ap.add_argument("--out", default="bench_out/tiers")
     a = ap.parse_args(argv)
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     need = 1 + sum(c * a.requests for c in concs)  # one for the warm-up
-    prompts = load_prompts(need, AutoTokenizer.from_pretrained(base.model.path)).get(a.domain) or []
+    prompts = load_prompts(need, AutoTokenizer.from_pretrained(base.model.path),
+                           max_agent_prompt=a.max_agent_prompt).get(a.domain) or []
     if len(prompts) < need:
         ap.error(f"--domain: {need} distinct '{a.domain}' prompts needed for these levels, {len(prompts)} held out")
     starts = {c: 1 + sum(x * a.requests for x in concs[:i]) for i, c in enumerate(concs)}

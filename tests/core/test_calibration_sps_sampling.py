@@ -94,3 +94,41 @@ def test_verify_rules() -> None:
     # sampling, q one-hot at a zero-probability token -> always rejected, residual = p
     r = verify_block(torch.tensor([[0, 1, 1]]), p, None, generator=torch.Generator().manual_seed(0))
     assert r.tokens == [[1]]
+
+
+def _filter_by_stable_sort(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The reference: a stable descending sort of each whole row (ties ranked by token id)."""
+    probs = torch.softmax(logits.float() / params.temperature[:, None], dim=-1)
+    v = probs.shape[-1]
+    p_sort, p_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    drop = (torch.cumsum(p_sort, dim=-1) - p_sort) > params.top_p[:, None]
+    k = torch.where(params.top_k <= 0, torch.full_like(params.top_k, v), params.top_k)
+    drop |= torch.arange(v)[None, :] >= k[:, None]
+    drop[:, 0] = False
+    kept = torch.zeros_like(probs).scatter_(1, p_idx, p_sort.masked_fill(drop, 0.0))
+    filtered = (params.top_p < 1.0) | (k < v)  # rows without a filter are the softmax itself
+    return torch.where(filtered[:, None], kept / kept.sum(dim=-1, keepdim=True), probs)
+
+
+def test_process_logits_filter_equals_a_full_stable_sort() -> None:
+    """The topk-prefix filter keeps exactly the tokens a stable full sort keeps, with the same
+    probabilities, including ties at the cut (bf16 logits tie often) and cuts deep in the
+    vocabulary (flat rows, top_p near 1, top_k above the first prefix)."""
+    gen = torch.Generator().manual_seed(0)
+    v, n = 49152, 48
+    scale = torch.tensor([0.5, 2.0, 6.0])[torch.arange(n) % 3][:, None]
+    logits = (torch.randn(n, v, generator=gen) * scale).to(torch.bfloat16).float()
+    logits[:4, :40] = 9.0  # 40 tied leaders: a top_k / top_p cut falls among equal values
+    temp = [0.7, 1.0, 1.3]
+    top_p = [1.0, 0.95, 0.5, 0.999, 0.9, 0.2]
+    top_k = [-1, 20, 300, 5000, 1, -1, 7]
+    params = SamplingParams.make([temp[i % 3] for i in range(n)], [top_p[i % 6] for i in range(n)],
+                                 [top_k[i % 7] for i in range(n)])
+    got = process_logits(logits, params)
+    want = _filter_by_stable_sort(logits, params)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+    kept = (got > 0).sum(-1)
+    assert int(kept.max()) > 1024 and int(kept.min()) == 1  # deep cuts and single-token rows were covered
+    tied_rows = [(int(r), int((got[r, :40] > 0).sum())) for r in range(4)]
+    assert any(0 < k < 40 for _, k in tied_rows), tied_rows  # a cut inside the tie was exercised
