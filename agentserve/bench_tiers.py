@@ -10,8 +10,9 @@ Systems (same model, prompts, tiers and load, started one after another):
 A system name may end in "+mixed": the same system with SGLang's --enable-mixed-chunk (a new
 request's prefill runs in one batch with a decode token of every running request, so running
 streams do not stand still while it is prefilled), e.g. --systems plain,plain+mixed; and in
-"@FIELD=VALUE" (repeatable): the same system with that top-level profile field set, e.g.
-tier_aware@admission_margin=0 (an ablation in the same run; the value is YAML).
+"@FIELD=VALUE" (repeatable): the same system with that profile field set, e.g.
+tier_aware@admission_margin=0 or tier_aware@server.chunked_prefill_size=256 (a dotted FIELD
+is a nested one; an ablation in the same run; the value is YAML).
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
@@ -85,7 +86,16 @@ def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
     prof = base.model_copy(update=update)
     fields = _split(system)[1]
     if fields:  # validated like a profile file: a bad field or value names itself
-        prof = Profile.model_validate({**prof.model_dump(), **fields})
+        data = prof.model_dump()
+        for key, val in fields.items():  # a dotted key sets a nested field: server.chunked_prefill_size=256
+            *path, leaf = key.split(".")
+            node = data
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    raise ValueError(f"--systems: '{key}' in '{system}': '{part}' is not a profile section")
+                node = node[part]
+            node[leaf] = val
+        prof = Profile.model_validate(data)
     return prof
 
 
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             profiles[s] = tier_profile(base, s, tiers)
         except ValidationError as e:
             ap.error(f"--systems: '{s}': " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        except ValueError as e:
+            ap.error(str(e))
     from transformers import AutoTokenizer
 
     need = 1 + sum(c * a.requests for c in concs)  # one for the warm-up

@@ -64,6 +64,7 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         ("--max-total-tokens", s.max_total_tokens),
         ("--max-running-requests", s.max_running_requests),
         ("--chunked-prefill-size", s.chunked_prefill_size),
+        ("--prefill-decode-interval", s.prefill_decode_interval),
     ):
         if value is not None:
             args[flag] = str(value)

@@ -67,6 +67,9 @@ class ServerSpec(_Strict):
     max_total_tokens: int | None = Field(default=None, gt=0)
     max_running_requests: int | None = Field(default=None, gt=0)
     chunked_prefill_size: int | None = Field(default=None, gt=0)
+    # SGLang's --prefill-decode-interval: decode rounds run after each prefill batch (or chunk)
+    # before the next one, so running streams keep moving while a long prompt is prefilled
+    prefill_decode_interval: int | None = Field(default=None, ge=0)
     enable_metrics: bool = True
     # bf16 models on a CPU: "auto" times bf16 against fp32 GEMM per weight shape and row count
     # and uses the faster (sglang_ext/cpu_matmul.py); "native": always the model's dtype;

@@ -97,3 +97,13 @@ def test_field_suffix_sets_a_profile_field_with_validation() -> None:
         tier_profile(base, "tier_aware@admission_margin=abc", TIERS)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         tier_profile(base, "tier_aware@admission_margin", TIERS)
+    nested = tier_profile(base, "tier_aware@server.chunked_prefill_size=256@server.prefill_decode_interval=2", TIERS)
+    assert nested.server.chunked_prefill_size == 256 and nested.server.prefill_decode_interval == 2
+    assert nested.server.port == base.server.port and nested.drafter.scheduler == "tier_aware"  # the rest kept
+    plan = build_plan(nested).argv
+    assert plan[plan.index("--chunked-prefill-size") + 1] == "256"
+    assert plan[plan.index("--prefill-decode-interval") + 1] == "2"
+    with pytest.raises(Exception, match="chunked_prefill_size"):
+        tier_profile(base, "tier_aware@server.chunked_prefill_size=-1", TIERS)
+    with pytest.raises(ValueError, match="'admission_margin' is not a profile section"):
+        tier_profile(base, "tier_aware@admission_margin.x=1", TIERS)
