@@ -126,6 +126,10 @@ class Profile(_Strict):
     # attainment of requests finished in the last minute (false, default: the live view let
     # lower tiers in sooner and their prefills broke promises, see README Measured).
     admission_live: bool = False
+    # Rule (c) for more important tiers: "attainment" predicts the share of the tier's requests
+    # (running and its last 16 finished, each at its own τ) that keep the target at B+1;
+    # "slowest" plans on the slowest running request (admission.py)
+    admission_plan: Literal["attainment", "slowest"] = "attainment"
     # Prefill pacing (agentspark, tier_aware scheduler; experimental, off by default: no gain
     # measured yet): a less important request's prefill waits while it would put a running
     # promised request below its target, at most this many seconds; sglang_ext/prefill_pacing.py

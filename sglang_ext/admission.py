@@ -22,6 +22,15 @@ A request of tier T starts when
       cannot give T its speed even now; more important tiers still hold lower ones back).
       A request of T is also admitted when less important requests are running: those stop
       being admitted and drain, so a promised tier never waits behind best-effort work.
+      With `plan: attainment` (profile admission_plan, the default) a more important tier U
+      is judged by the share of its requests predicted at (1 + margin) x target, over its
+      running requests and its last 16 finished ones (each at its own τ / period(B)): T waits
+      when that share at B+1 would fall below both 95 % and the share at B. So T is not held
+      back for a request that misses at any batch size (its text does not draft; the machine
+      cannot give it the speed anyway), and it is held back when the running requests all copy
+      well but the tier's recent answers say the next ones will not. With `slowest` (the
+      earlier rule) U's speed is planned on its slowest running request's τ. Either falls
+      back to the mean-τ prediction until a tier has 4 known requests.
 Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
 waits, in (priority, arrival) order, until (a) and (b) hold, at most `queue_timeout_s`, then
 answers 503. Both errors name the tier and the reason, so a client knows what to back off on.
@@ -71,7 +80,8 @@ class Overloaded(Exception):
 class TierGate:
     def __init__(self, tiers: list[dict[str, Any]], window_s: float = 60.0, min_attainment: float = 0.95,
                  clock: Callable[[], float] = time.monotonic, enabled: bool = True,
-                 capacity: Optional[CapacityModel] = None, margin: float = 0.1, live: bool = False) -> None:
+                 capacity: Optional[CapacityModel] = None, margin: float = 0.1, live: bool = False,
+                 plan: str = "attainment") -> None:
         self.enabled = enabled  # off: count and time requests per tier, never hold one back
         self.tiers = {t["name"]: TierState(t["name"], t.get("target_tokens_per_s"), int(t.get("priority", 0)),
                                            t.get("max_concurrency"), t.get("on_overload", "queue"),
@@ -80,6 +90,7 @@ class TierGate:
         self.min_attainment = min_attainment
         self.clock = clock
         self.capacity, self.margin, self.live = capacity, margin, live
+        self.plan = plan  # rule (c) for more important tiers: "attainment" or "slowest"
         self._waiters: list[tuple[int, int, str]] = []  # (priority, seq, tier)
         self._seq = 0
         self._cond: Optional[asyncio.Condition] = None
@@ -121,8 +132,17 @@ class TierGate:
                 now_pred = self.capacity.predict(u.name, running)
                 if now_pred is None or now_pred < u.target:
                     continue  # already below target at this load: holding u back does not keep it
+            need = (1 + self.margin) * u.target
+            if self.plan == "attainment" and u.priority < t.priority:
+                now_att, next_att = self.capacity.attainment(u.name, running, need), self.capacity.attainment(u.name, b, need)
+                if now_att is not None and next_att is not None:
+                    if next_att < min(self.min_attainment, now_att):
+                        return (f"tier '{u.name}' is predicted to keep {next_att:.0%} of its requests at its "
+                                f"{u.target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
+                                f"against {now_att:.0%} with {running}")
+                    continue  # no promise lost by the extra request (or the tier keeps >= 95 %)
             pred = self.capacity.predict(u.name, b)
-            if pred is not None and pred < (1 + self.margin) * u.target:
+            if pred is not None and pred < need:
                 return (f"tier '{u.name}' is predicted at {pred:.1f} tok/s per user with {b} requests running, "
                         f"below its {u.target:g} tok/s target (+{self.margin:.0%} margin)")
         return None

@@ -89,7 +89,8 @@ class AgentRegistry:
         self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)),
                              capacity=CapacityModel.for_profile(prof) if predict else None,
                              margin=float(prof.get("admission_margin", 0.1)),
-                             live=bool(prof.get("admission_live", False)))
+                             live=bool(prof.get("admission_live", False)),
+                             plan=str(prof.get("admission_plan", "attainment")))
 
     def label(self, agent: str) -> str:
         with self.lock:

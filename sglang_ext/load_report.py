@@ -23,6 +23,7 @@ measured period scaled by the forward-cost ratio f(B)/f(b) of the SPS table.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from typing import Any, Callable, Optional
 log = logging.getLogger(__name__)
 
 MIN_PERIODS = 3  # samples before a batch size's measured period is used as is
+RECENT = 16  # finished requests per tier whose τ predicts attainment
+MIN_SAMPLES = 4  # requests (running or finished) before a tier's attainment is predicted
 PRIOR_SLOPE = 0.2  # f(B) = 1 + slope (B - 1) when no forward cost is known (a 2-core CPU's slope)
 
 
@@ -56,7 +59,10 @@ class LoadPublisher:
         self.tau_all: Optional[float] = None
         self.req_tau: dict[str, float] = {}  # running request -> its τ (EMA from its tier's mean)
         self.tau_min: dict[str, float] = {}  # tier -> τ of its slowest running request
+        self.tau_running: dict[str, list[float]] = {}  # tier -> τ of each running request
         self.behind: Optional[dict[str, int]] = None  # tier -> running requests below target (None: not measured)
+        self._life: dict[str, list] = {}  # running request -> [tier, decode steps, tokens]
+        self.recent: dict[str, collections.deque] = {}  # tier -> τ of its last RECENT finished requests
         self._prev: Optional[tuple[float, int, frozenset[str]]] = None
         self._written = 0.0
 
@@ -76,6 +82,15 @@ class LoadPublisher:
             if prev & cur:  # the same streams went on: the gap is what they waited
                 self.period[b] = self._mix(self.period.get(b), now - t)
                 self.count[b] = self.count.get(b, 0) + 1
+        if self._prev is not None:
+            for rid in self._prev[2] - cur:  # gone from the decode batch: finished
+                life = self._life.pop(rid, None)
+                if life is not None and life[1] >= 2:
+                    self.recent.setdefault(life[0], collections.deque(maxlen=RECENT)).append(life[2] / life[1])
+        for rid, tier, n in zip(rids, tiers, emitted):
+            life = self._life.setdefault(rid, [tier, 0, 0])
+            life[1] += 1
+            life[2] += int(n)
         self._prev = (now, len(rids), cur)
         req_tau: dict[str, float] = {}  # requests not in this step have finished
         tau_min: dict[str, float] = {}
@@ -86,13 +101,17 @@ class LoadPublisher:
             self.tau[tier] = self._mix(self.tau.get(tier), float(n))
             self.tau_all = self._mix(self.tau_all, float(n))
         self.req_tau, self.tau_min = req_tau, tau_min
+        self.tau_running = {}
+        for rid, tier in zip(rids, tiers):
+            self.tau_running.setdefault(tier, []).append(req_tau[rid])
         if self.path is not None and now - self._written >= self.every_s:
             self._written = now
             self.write(forward())
 
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
-                "tau_min": self.tau_min, "forward": forward, "time": time.time(), "behind": self.behind}
+                "tau_min": self.tau_min, "tau_running": self.tau_running,
+                "tau_recent": {t: list(d) for t, d in self.recent.items()}, "forward": forward, "time": time.time(), "behind": self.behind}
 
     def write(self, forward: dict[int, float]) -> None:
         assert self.path is not None
@@ -148,6 +167,8 @@ class CapacityModel:
                 "tau": {str(k): float(v) for k, v in d.get("tau", {}).items()},
                 "tau_all": None if d.get("tau_all") is None else float(d["tau_all"]),
                 "tau_min": {str(k): float(v) for k, v in d.get("tau_min", {}).items()},
+                "tau_running": {str(k): [float(x) for x in v] for k, v in d.get("tau_running", {}).items()},
+                "tau_recent": {str(k): [float(x) for x in v] for k, v in d.get("tau_recent", {}).items()},
                 "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()},
                 "behind": None if d.get("behind") is None else {str(k): int(v) for k, v in d["behind"].items()},
                 "time": float(d.get("time") or 0.0)}
@@ -195,6 +216,22 @@ class CapacityModel:
         if not d or d.get("behind") is None or time.time() - d.get("time", 0.0) > max_age_s:
             return None
         return int(d["behind"].get(tier, 0))
+
+    def attainment(self, tier: str, b: int, speed: float) -> Optional[float]:
+        """Predicted share of `tier`'s requests decoding at >= `speed` tok/s with `b` running:
+        each of its running requests (its τ so far) and of its last finished ones (their τ over
+        the whole request) at τ / period(b). None while fewer than MIN_SAMPLES are known or
+        period(b) is unknown. The finished ones stand for the requests still to come: a tier whose
+        running requests happen to copy 8 tokens a step still gets answers the drafter cannot
+        predict, and those are the ones a larger batch makes miss."""
+        d = self.data()
+        if not d:
+            return None
+        taus = (d.get("tau_running") or {}).get(tier, []) + (d.get("tau_recent") or {}).get(tier, [])
+        p = self.period(b)
+        if len(taus) < MIN_SAMPLES or p is None:
+            return None
+        return sum(1 for t in taus if t / p >= speed) / len(taus)
 
     def predict(self, tier: str, b: int) -> Optional[float]:
         """Predicted decode tok/s per user of `tier` with `b` requests running (None: unknown)."""

@@ -170,3 +170,77 @@ def test_publisher_reports_the_streams_behind_target(tmp_path) -> None:
     pub.observe(["a", "b"], ["interactive", "batch"], [1, 1], lambda: {})  # not tier-aware: unknown
     cap._read_at = -1e9
     assert cap.behind("interactive") is None
+
+
+def test_publisher_reports_each_requests_tau_running_and_finished(tmp_path) -> None:
+    clk = Clock()
+    path = tmp_path / "load.json"
+    pub = LoadPublisher(path, every_s=0.0, ema=0.5, clock=clk)
+    for _ in range(4):  # "copy" emits 6 tokens a step, "prose" 1, "std" 2
+        clk.t += 0.1
+        pub.observe(["copy", "prose", "std"], ["interactive", "interactive", "standard"], [6, 1, 2], lambda: {})
+    d = json.loads(path.read_text())
+    assert d["tau_recent"] == {}  # nothing finished yet
+    assert sorted(d["tau_running"]["interactive"]) == pytest.approx([1.0, 6.0], abs=0.6)
+    clk.t += 0.1
+    pub.observe(["copy"], ["interactive"], [6], lambda: {})  # "prose" and "std" finished
+    d = json.loads(path.read_text())
+    assert d["tau_recent"] == {"interactive": [1.0], "standard": [2.0]}  # τ over the whole request
+    assert d["tau_running"] == {"interactive": [pytest.approx(6.0, abs=0.6)]}
+    clk.t += 0.1
+    pub.observe(["next"], ["interactive"], [3], lambda: {})
+    assert json.loads(path.read_text())["tau_recent"]["interactive"] == [1.0, 6.0]
+
+
+def _report(tau_running: dict, tau_recent: dict) -> dict:
+    # period(B) = 30 ms + 20 ms x B: 50 ms at B = 1, 90 ms at 3, 190 ms at 8
+    return {"period": {str(b): 0.03 + 0.02 * b for b in range(1, 9)}, "count": {str(b): 9 for b in range(1, 9)},
+            "tau": {"interactive": 4.0, "standard": 1.0}, "tau_min": {"interactive": min(tau_running["interactive"])},
+            "tau_running": tau_running, "tau_recent": tau_recent, "forward": {}}
+
+
+def test_capacity_model_predicts_a_tiers_attainment_from_each_requests_tau() -> None:
+    m = CapacityModel.from_report(_report({"interactive": [6.0, 6.0]}, {"interactive": [1.0, 2.0, 6.0, 8.0]}))
+    # 22 tok/s at B = 3 (90 ms) needs τ >= 1.98: 1.0 misses; at B = 8 (190 ms) τ >= 4.18: 1.0 and 2.0 miss
+    assert m.attainment("interactive", 3, 22.0) == pytest.approx(5 / 6)
+    assert m.attainment("interactive", 8, 22.0) == pytest.approx(4 / 6)
+    assert m.attainment("standard", 3, 5.0) is None  # no request of the tier known: no prediction
+    assert CapacityModel.from_report(_report({"interactive": [6.0]}, {"interactive": [1.0, 2.0]})).attainment(
+        "interactive", 3, 22.0) is None  # 3 samples are too few
+
+
+def test_attainment_plan_holds_back_for_the_answers_to_come_not_for_a_lost_one() -> None:
+    async def running(gate: TierGate, n_inter: int, n_batch: int) -> TierGate:
+        gate.tiers["interactive"].running += n_inter  # admitted earlier
+        gate.tiers["batch"].running += n_batch
+        return gate
+
+    async def run() -> None:
+        # Both running interactive requests copy 6 tokens a step; the tier's recent answers were
+        # prose (τ 2.5). With 4 running, one more makes B = 5 (130 ms): the slowest-running plan
+        # sees 6 / 0.13 = 46 tok/s and admits; the attainment plan sees the 4 prose answers fall
+        # from 2.5 / 0.11 = 22.7 to 19.2 tok/s, below 22 (20 + 10 %), and holds batch back.
+        cap = CapacityModel.from_report(_report({"interactive": [6.0, 6.0]}, {"interactive": [2.5, 2.5, 2.5, 2.5]}))
+        slowest = await running(TierGate(TIERS, capacity=cap, plan="slowest"), 2, 2)
+        assert slowest.blocked_by("batch") is None
+        gate = await running(TierGate(TIERS, capacity=cap), 2, 1)
+        assert gate.blocked_by("batch") is None  # B = 4: every answer still at 22.7 tok/s
+        gate.tiers["batch"].running += 1
+        reason = gate.blocked_by("batch")
+        assert reason is not None and "keep 33% of its requests" in reason and "against 100% with 4" in reason
+        # A running request whose text never drafts (τ 1: 1 / 0.07 = 14 < 22 with B = 2) misses at
+        # every batch size: the slowest-running plan holds every other tier back for it, the
+        # attainment plan does not, while the other requests keep their speed.
+        cap = CapacityModel.from_report(_report({"interactive": [1.0, 8.0]}, {"interactive": [8.0, 8.0, 8.0]}))
+        slowest = await running(TierGate(TIERS, capacity=cap, plan="slowest"), 2, 0)
+        assert "predicted at" in (slowest.blocked_by("batch") or "")
+        gate = await running(TierGate(TIERS, capacity=cap), 2, 0)
+        assert gate.blocked_by("batch") is None  # 4 of 5 keep 22 tok/s at B = 3 as at B = 2
+        gate.tiers["batch"].running += 4
+        assert gate.blocked_by("batch") is None  # B = 7 (170 ms): τ 8 gives 47 tok/s, still 4 of 5
+        # the slowest plan stays the fallback while a tier has fewer than 4 known requests
+        few = CapacityModel.from_report(_report({"interactive": [1.0, 8.0]}, {}))
+        gate = await running(TierGate(TIERS, capacity=few), 2, 0)
+        assert "predicted at" in (gate.blocked_by("batch") or "")
+
+    asyncio.run(run())
