@@ -216,7 +216,14 @@ class TierGate:
         now = self.clock()
         b = sum(t.running for t in self.tiers.values()) + 1
         pred = (lambda name: self.capacity.predict(name, b)) if self.capacity is not None else (lambda name: None)
-        return [{"name": t.name, "predicted_tokens_per_s_next": pred(t.name), "target_tokens_per_s": t.target, "priority": t.priority,
+
+        def share(t: TierState) -> Optional[float]:
+            if self.capacity is None or t.target is None:
+                return None
+            return self.capacity.attainment(t.name, b, (1 + self.margin) * t.target)
+
+        return [{"name": t.name, "predicted_tokens_per_s_next": pred(t.name), "predicted_attainment_next": share(t),
+                 "target_tokens_per_s": t.target, "priority": t.priority,
                  "max_concurrency": t.max_concurrency, "on_overload": t.on_overload, "running": t.running,
                  "queued_now": sum(1 for w in self._waiters if w[2] == t.name),
                  "attainment": t.attainment(now, self.window_s), **t.counts}
