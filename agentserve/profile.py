@@ -75,6 +75,10 @@ class ServerSpec(_Strict):
     # and uses the faster (sglang_ext/cpu_matmul.py); "native": always the model's dtype;
     # "fp32": fp32 GEMM for every product of two or more rows, without timing
     cpu_matmul: Literal["auto", "native", "fp32"] = "auto"
+    # half-precision models on a CPU: "fp32" runs decode attention over the gathered K/V in fp32
+    # (about 2x faster where the CPU has no native bf16; sglang_ext/verify_attention.py),
+    # "native" leaves SGLang's decode attention in the model's dtype
+    cpu_attention: Literal["fp32", "native"] = "fp32"
     extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
 
 

@@ -28,6 +28,9 @@ def load() -> None:
     from sglang_ext import verify_attention
 
     HookRegistry.register(verify_attention.TARGET, verify_attention.around_forward_extend, HookType.AROUND)
+    verify_attention.FP32_ON_CPU = verify_attention.decode_mode_from_profile() == "fp32"
+    if verify_attention.FP32_ON_CPU:  # half-precision decode attention on a CPU in fp32
+        HookRegistry.register(verify_attention.DECODE_TARGET, verify_attention.around_decode_sdpa, HookType.AROUND)
 
     from sglang_ext import cpu_matmul
 

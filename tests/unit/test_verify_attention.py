@@ -107,3 +107,47 @@ def test_ragged_chain_widths_match_direct_computation() -> None:
     fb.spec_info.agentserve_widths = [4, 1, 1]  # widths that do not add up to the tokens: refused
     with pytest.raises(AssertionError):
         verify_forward(backend, q, k, v, layer, fb)
+
+
+def test_half_precision_decode_runs_in_fp32_and_everything_else_is_sglangs() -> None:
+    """The decode hook against SGLang's own torch_native decode loop: for bf16 on a CPU it is
+    that loop's result computed in fp32 (within bf16 rounding of the output, and closer to the
+    fp32 truth than the bf16 loop); fp32, sliding-window and cross-attention calls are SGLang's."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sglang_ext.verify_attention import around_decode_sdpa
+
+    sglang_loop = TorchNativeAttnBackend._run_sdpa_forward_decode
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, d, pool = 9, 3, 64, 256
+    k32, v32 = torch.randn(pool, hkv, d, generator=g), torch.randn(pool, hkv, d, generator=g)
+    req_to_token = torch.zeros(3, 128, dtype=torch.long)
+    for r in range(3):
+        req_to_token[r] = torch.randperm(pool, generator=g)[:128]
+    rpi, lens = torch.tensor([2, 0]), torch.tensor([100, 37])
+    q32 = torch.randn(2, hq, d, generator=g)
+    backend = SimpleNamespace()
+
+    def run(fn, q, k, v, **kw):
+        out = torch.zeros_like(q)
+        fn(backend, q, out, k, v, req_to_token, rpi, lens, None, scaling=d ** -0.5, enable_gqa=True, **kw)
+        return out
+
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return sglang_loop(*a, **kw)
+
+    ours = run(lambda *a, **kw: around_decode_sdpa(spy, *a, **kw), q32.bfloat16(), k32.bfloat16(), v32.bfloat16())
+    assert not calls and ours.dtype == torch.bfloat16
+    truth = run(sglang_loop, q32.bfloat16().float(), k32.bfloat16().float(), v32.bfloat16().float())
+    torch.testing.assert_close(ours.float(), truth, atol=8e-3, rtol=8e-3)  # the output's bf16 rounding
+    theirs = run(sglang_loop, q32.bfloat16(), k32.bfloat16(), v32.bfloat16())
+    assert (ours.float() - truth).abs().sum() <= (theirs.float() - truth).abs().sum()
+    # fp32, and layers the fp32 loop does not model, go to SGLang's loop unchanged
+    assert torch.equal(run(lambda *a, **kw: around_decode_sdpa(spy, *a, **kw), q32, k32, v32), run(sglang_loop, q32, k32, v32))
+    for kw in ({"sliding_window_size": 16}, {"is_cross_attn": True}):
+        run(lambda *a, **k: around_decode_sdpa(lambda *a2, **k2: calls.append(k2), *a, **k), q32.bfloat16(),
+            k32.bfloat16(), v32.bfloat16(), **kw)
+    assert len(calls) == 3 and calls[1]["sliding_window_size"] == 16 and calls[2]["is_cross_attn"] is True
