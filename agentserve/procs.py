@@ -63,6 +63,13 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None
 
+    def _log_tail(self, lines: int = 25) -> str:
+        """The end of the server's log, so a start-up failure says why where it is reported."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        tail = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()[-lines:]
+        return "\n--- last lines of the log ---\n" + "\n".join(tail)
+
     def start(self, timeout: float = 600.0) -> ServerProcess:
         env = {**os.environ, **self.plan.env, **self._extra_env}
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
@@ -70,7 +77,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.plan.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up; log: {self.log_path}")
+                kill_tree(self.proc.pid)  # SGLang's own children, if any outlived it
+                raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up; log: {self.log_path}"
+                                   f"{self._log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     self.start_seconds = time.monotonic() - t0

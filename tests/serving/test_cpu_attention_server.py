@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import LOGS, _server
+from tests.conftest import _server
 
 PROMPT = ("Here is a list of the planets of the solar system, in order from the sun, with one fact about "
           "each of them:\n1. Mercury:")
@@ -61,5 +61,5 @@ def test_fp32_decode_attention_decodes_like_bf16(attn_pair: tuple) -> None:
     # a wrong attention (mis-gathered slots, dropped heads, a missing scale) moves the chosen
     # tokens' log-probabilities by whole nats; the dtype changes them by rounding only
     assert max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.05, diffs
-    assert "decode attention runs in fp32" in (LOGS / "test-attn-fp32.log").read_text()
-    assert "decode attention runs in fp32" not in (LOGS / "test-attn-native.log").read_text()
+    assert "decode attention runs in fp32" in fp32.log_path.read_text()
+    assert "decode attention runs in fp32" not in native.log_path.read_text()

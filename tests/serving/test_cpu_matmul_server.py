@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import LOGS, _server
+from tests.conftest import _server
 
 PROMPT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
           "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nThe function above computes Fibonacci numbers by "
@@ -62,6 +62,6 @@ def test_fp32_gemm_scores_like_native_bf16(bf16_pair: tuple) -> None:
     assert diffs[len(diffs) // 2] < 0.05, diffs
     assert sum(diffs) / len(diffs) < 0.1, diffs
     assert len(out_f) == 12
-    log = (LOGS / "test-bf16-fp32.log").read_text()
+    log = forced.log_path.read_text()
     assert "cpu_matmul" in log and "fp32_t from 2 rows" in log
-    assert "fp32_t" not in (LOGS / "test-bf16-native.log").read_text()
+    assert "fp32_t" not in native.log_path.read_text()
