@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 
 from sglang_ext.admission import Overloaded, TierGate
 from sglang_ext.load_report import CapacityModel
+from sglang_ext.served_profile import served_profile
 from sglang_ext.sessions import SessionError, SessionStore
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
@@ -41,10 +42,7 @@ TPS_BUCKETS = [1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 50, 80, 120, 200, 400]
 
 
 def _profile() -> dict[str, Any]:
-    try:
-        return json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}"))
-    except ValueError:
-        return {}
+    return served_profile()
 
 
 @dataclass

@@ -28,13 +28,13 @@ the model's dtype) or `fp32` (fp32 from two rows on, without timing).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from typing import Any, Callable, Optional
 
 import torch
+
+from sglang_ext.served_profile import server_setting
 
 log = logging.getLogger("agentserve.cpu_matmul")
 
@@ -199,12 +199,7 @@ _chooser: Optional[GemmChooser] = None
 
 def mode_from_profile() -> str:
     """`server.cpu_matmul` of the profile the launcher passed: auto (default), native, fp32."""
-    try:
-        prof = json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON") or "{}")
-    except ValueError:
-        prof = {}
-    server = (prof.get("server") or {}) if isinstance(prof, dict) else {}
-    return str(server.get("cpu_matmul", "auto"))
+    return server_setting("cpu_matmul", "auto")
 
 
 def chooser() -> GemmChooser:

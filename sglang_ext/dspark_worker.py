@@ -67,6 +67,7 @@ from sglang_ext.load_report import LoadPublisher, report_path
 from sglang_ext.prefill_pacing import PrefillPacer
 from sglang_ext.sps_online import OnlineSPS
 from sglang_ext.radix_walk import radix_continuation, walkable
+from sglang_ext.served_profile import served_profile
 from sglang_ext.suffix_index import SessionIndexRegistry
 from sglang_ext.suffix_proposer import CopySurvival, HybridChoice, HybridDecision, pad_block
 from sglang_ext.tier_policy import TierPolicy, request_tags
@@ -75,16 +76,7 @@ log = logging.getLogger("agentserve.dspark_worker")
 
 
 def _profile() -> dict[str, Any]:
-    """The launcher passes the resolved profile to every SGLang process in the environment
-    (AGENTSERVE_PROFILE_JSON); a missing or unreadable one means defaults."""
-    import json
-    import os
-
-    try:
-        prof = json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON") or "{}")
-    except ValueError:
-        return {}
-    return prof if isinstance(prof, dict) else {}
+    return served_profile()
 
 
 def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:

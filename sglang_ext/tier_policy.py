@@ -19,13 +19,13 @@ earlier steps, never from the current step's drafts, so they are constant within
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from sglang_ext.served_profile import served_profile
 
 MIN_TOKENS = 4  # measure a request's speed only after this many decode tokens
 MAX_LAG = 4.0
@@ -56,10 +56,7 @@ class TierPolicy:
 
     @classmethod
     def from_env(cls) -> TierPolicy:
-        try:
-            prof = json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON", "{}"))
-        except ValueError:
-            prof = {}
+        prof = served_profile()
         tiers = {t["name"]: TierInfo(t.get("target_tokens_per_s"), int(t.get("priority", 0)))
                  for t in prof.get("interactivity_tiers", [])}
         return cls(tiers)

@@ -18,13 +18,13 @@ stays in the model's dtype (measured no faster in fp32).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Callable
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
+
+from sglang_ext.served_profile import server_setting
 
 TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
 DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
@@ -33,12 +33,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def decode_mode_from_profile() -> str:
     """`server.cpu_attention` of the profile the launcher passed: fp32 (default) or native."""
-    try:
-        prof = json.loads(os.environ.get("AGENTSERVE_PROFILE_JSON") or "{}")
-    except ValueError:
-        prof = {}
-    server = (prof.get("server") or {}) if isinstance(prof, dict) else {}
-    return str(server.get("cpu_attention", "fp32"))
+    return server_setting("cpu_attention", "fp32")
 
 
 FP32_ON_CPU = True  # the plugin sets it from server.cpu_attention; verify and decode agree

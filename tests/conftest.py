@@ -58,6 +58,24 @@ def _server(profile_name: str, extra_env: dict[str, str] | None = None, **overri
         srv.stop()
 
 
+def bf16_pair(name: str, field: str, values: tuple[str, str]) -> Iterator[tuple]:
+    """Two plain servers of the bundled model in bf16 that differ only in `server.<field>`
+    (one value each), started one after the other; yields them in `values` order."""
+    from agentserve.profile import load_profile
+
+    base = load_profile(PROFILES / "plain-fp32.yaml")
+    gens = [_server("plain-fp32.yaml", name=f"{name}-{v}", model=base.model.model_copy(update={"dtype": "bfloat16"}),
+                    server=base.server.model_copy(update={field: v})) for v in values]
+    servers = []
+    try:
+        for g in gens:
+            servers.append(next(g))
+        yield tuple(servers)
+    finally:
+        for g in reversed(gens[:len(servers)]):
+            next(g, None)
+
+
 @pytest.fixture(scope="session")
 def start_server() -> Iterator:
     """Factory for extra servers (profile file name + field overrides), stopped at session end."""

@@ -10,33 +10,15 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import _server
+from tests.conftest import bf16_pair
 
 PROMPT = ("Here is a list of the planets of the solar system, in order from the sun, with one fact about "
           "each of them:\n1. Mercury:")
 
 
-def _bf16(mode: str) -> Iterator:
-    from agentserve.profile import load_profile
-    from tests.conftest import PROFILES
-
-    base = load_profile(PROFILES / "plain-fp32.yaml")
-    yield from _server("plain-fp32.yaml", name=f"test-attn-{mode}",
-                       model=base.model.model_copy(update={"dtype": "bfloat16"}),
-                       server=base.server.model_copy(update={"cpu_attention": mode}))
-
-
 @pytest.fixture(scope="module")
 def attn_pair() -> Iterator[tuple]:
-    native = _bf16("native")
-    a = next(native)
-    fp32 = _bf16("fp32")
-    b = next(fp32)
-    try:
-        yield a, b
-    finally:
-        next(fp32, None)
-        next(native, None)
+    yield from bf16_pair("test-attn", "cpu_attention", ("native", "fp32"))
 
 
 def _decode(url: str) -> tuple[list[float], list[int]]:

@@ -10,34 +10,16 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.conftest import _server
+from tests.conftest import bf16_pair
 
 PROMPT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
           "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nThe function above computes Fibonacci numbers by "
           "recursion. A faster version keeps the last two values in a loop:")
 
 
-def _bf16(mode: str) -> Iterator:
-    from agentserve.profile import load_profile
-    from tests.conftest import PROFILES
-
-    base = load_profile(PROFILES / "plain-fp32.yaml")
-    yield from _server("plain-fp32.yaml", name=f"test-bf16-{mode}",
-                       model=base.model.model_copy(update={"dtype": "bfloat16"}),
-                       server=base.server.model_copy(update={"cpu_matmul": mode}))
-
-
 @pytest.fixture(scope="module")
-def bf16_pair() -> Iterator[tuple]:
-    native = _bf16("native")
-    a = next(native)
-    forced = _bf16("fp32")
-    b = next(forced)
-    try:
-        yield a, b
-    finally:
-        next(forced, None)
-        next(native, None)
+def matmul_pair() -> Iterator[tuple]:
+    yield from bf16_pair("test-bf16", "cpu_matmul", ("native", "fp32"))
 
 
 def _score(url: str) -> tuple[list[float], list[int]]:
@@ -51,8 +33,8 @@ def _score(url: str) -> tuple[list[float], list[int]]:
 
 
 @pytest.mark.server
-def test_fp32_gemm_scores_like_native_bf16(bf16_pair: tuple) -> None:
-    native, forced = bf16_pair
+def test_fp32_gemm_scores_like_native_bf16(matmul_pair: tuple) -> None:
+    native, forced = matmul_pair
     lp_n, out_n = _score(native.url)
     lp_f, out_f = _score(forced.url)
     assert len(lp_n) == len(lp_f) > 40
