@@ -163,6 +163,15 @@ def add_stalls(res: list[dict], steps: list[dict]) -> None:
             r["stall_share"] = r["stall_s"] / r["decode_s"] if r.get("decode_s") else None
 
 
+def first_token(done: list[dict]) -> dict:
+    """Time to first token as the client saw it (admission queue + prefill): mean and p95.
+    What holding requests back for a promise costs shows here, not in per-user tok/s."""
+    xs = sorted(r["wall"] - r["decode_s"] for r in done if r.get("decode_s") is not None and r.get("wall") is not None)
+    if not xs:
+        return {"ttft_mean": None, "ttft_p95": None}
+    return {"ttft_mean": statistics.mean(xs), "ttft_p95": xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]}
+
+
 def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier]) -> dict:
     row = {"system": system, "concurrency": conc, "total_tps": sum(r["tokens"] for r in res) / wall,
            "budget_per_request": spec.get("budget_per_request"), "tiers": {}}
@@ -179,7 +188,8 @@ def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, 
         missed = [r for r in done if t.target_tokens_per_s and r["user_tps"] < t.target_tokens_per_s]
         row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
                                 "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None,
-                                "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed)}
+                                "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed),
+                                **first_token(done)}
     row["requests"] = res  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
     return row
 
@@ -292,6 +302,15 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
             tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
             line += f" | {'':>11} {att} {tps} {v['refused']:>3}"
         print(line)
+    if any(v.get("ttft_mean") is not None for r in rows for v in r["tiers"].values()):
+        print("\ntime to first token, s (admission queue + prefill; mean / p95)")
+        for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
+            line = f"{r['concurrency']:>4} {r['system']:{w}}"
+            for t in tiers:
+                v = r["tiers"][t.name]
+                cell = ("-" if v.get("ttft_mean") is None else f"{v['ttft_mean']:.1f} / {v['ttft_p95']:.1f}")
+                line += f" | {t.name[:11]:>11} {cell:>11}"
+            print(line)
     traced = [r for r in rows if any(v.get("stall_share") is not None for v in r["tiers"].values())]
     if traced:
         print("\nprefill stalls: share of a request's decode time its stream stood still while others were "

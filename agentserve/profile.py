@@ -132,8 +132,12 @@ class Profile(_Strict):
     admission_live: bool = False
     # Rule (c) for more important tiers: "attainment" predicts the share of the tier's requests
     # (running and its last 16 finished, each at its own τ) that keep the target at B+1;
+    # "drain" (experimental) also holds the batch down to what the tier's answers need;
     # "slowest" plans on the slowest running request (admission.py)
-    admission_plan: Literal["attainment", "slowest"] = "attainment"
+    admission_plan: Literal["attainment", "drain", "slowest"] = "attainment"
+    # Experimental: a promised tier's finished request keeps its place this long (an agent's
+    # next turn follows after its tool call); 0 = off (default: measured no gain, admission.py)
+    admission_return_s: float = Field(default=0.0, ge=0, description="seconds a finished promised request's place is kept")
     # Prefill pacing (agentspark, tier_aware scheduler; experimental, off by default: no gain
     # measured yet): a less important request's prefill waits while it would put a running
     # promised request below its target, at most this many seconds; sglang_ext/prefill_pacing.py

@@ -88,7 +88,8 @@ class AgentRegistry:
                              capacity=CapacityModel.for_profile(prof) if predict else None,
                              margin=float(prof.get("admission_margin", 0.1)),
                              live=bool(prof.get("admission_live", False)),
-                             plan=str(prof.get("admission_plan", "attainment")))
+                             plan=str(prof.get("admission_plan", "attainment")),
+                             return_s=float(prof.get("admission_return_s", 0.0)))
 
     def label(self, agent: str) -> str:
         with self.lock:

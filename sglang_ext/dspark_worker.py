@@ -196,12 +196,13 @@ class AgentSparkWorker(BaseSpecWorker):
         self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
         # prefills of less important requests wait while they would break a running promise
         defer_s = float(prof.get("prefill_max_defer_s", 0.0))
+        self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
         self.pacer: Optional[PrefillPacer] = (
-            PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)))
+            PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)),
+                         periods=self.load.measured_periods)
             if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
         self.ragged = bool(drafter_prof.get("ragged_verify", True))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
-        self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:

@@ -108,6 +108,10 @@ class LoadPublisher:
             self._written = now
             self.write(forward())
 
+    def measured_periods(self) -> dict[int, float]:
+        """Decode step period per batch size, where seen MIN_PERIODS times."""
+        return {b: p for b, p in self.period.items() if self.count.get(b, 0) >= MIN_PERIODS}
+
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
                 "tau_min": self.tau_min, "tau_running": self.tau_running,

@@ -1,25 +1,38 @@
-"""Prefill pacing: a less important request's prefill waits while it would break a promise.
+"""Prefill pacing: promised tiers first, and a prefill waits while it would break a promise.
 
-SGLang prefills a newly arrived request before the next decode step, and on a small machine a
-prefill stalls every running stream for a long time (a 200-token prompt at ~250 tok/s: 0.8 s,
-about six decode steps). The admission gate and the tier-aware scheduler shape decode only, so
-a promised (interactive) request can meet its speed in every step and still miss it over the
-request. Before SGLang builds a prefill batch, `PrefillPacer.defer` predicts each running
-promised request's speed over its whole answer if the stall happened now,
+SGLang prefills newly arrived requests before the next decode step, first come first served,
+and on a small machine a prefill stalls every running stream for a long time (a 700-token
+agent turn at ~400 tok/s: 1.7 s, a whole interactive answer). The admission gate and the
+tier-aware scheduler shape decode only, so a promised (interactive) request can meet its
+speed in every step and still miss it over the request. Before SGLang builds a prefill batch,
+`PrefillPacer.plan`
 
-    (tokens so far + remaining) / (elapsed + remaining / speed so far + stall),
+1. orders the waiting queue by tier priority, arrival order within a tier, so a promised
+   request never waits behind best-effort prompts (nor shares a chunked prefill with them);
+2. walks it in that order, adding each request's uncached prompt tokens to the stall this
+   round would cause (tokens / the measured prefill rate), and holds a request back when that
+   stall would put a running promised request of its own or a more important tier below
+   (1 + margin) x target over its whole answer:
 
-remaining = its max_new_tokens left (an upper bound), stall = the waiting prompt tokens over
-the measured prefill rate, and holds the prefill back while any prediction falls below
-(1 + margin) x that request's target. Never held back: a waiting request of a tier as
-important as the most important promised running one (its prefill is a promise too), a
-chunked prefill already under way, and anything that has waited `max_defer_s` (no starvation).
+       (tokens so far + remaining) / (elapsed + remaining / speed + stall),
 
-Only the order of work changes, never a token: lossless by construction.
+   remaining = its max_new_tokens left (an upper bound), speed = its decode speed so far.
+   A request is only held for one that holding can save: one that would meet its target at
+   the speed it would get once the less important requests drain (its speed scaled by the
+   measured step period at the current batch size over that at the smaller one). A promised
+   request too new to have a speed, or being prefilled in this very round, counts as exactly
+   on target: anything less important that would stall it waits until its speed shows slack.
 
-Experimental and off by default (profile `prefill_max_defer_s: 0`): at 8 clients on the
-bundled model it kept 50 % of interactive requests on target against 75 % without it (one run
-against two, 8 interactive requests each, within this VM's noise), so no gain is shown yet.
+Never held back: a request that has waited `max_defer_s` (no starvation; one such per round,
+so requests held together are not let go together into one long stall), a chunked prefill
+already under way, and everything when no prefill rate has been measured yet. Only the order
+of work changes, never a token: lossless by construction.
+
+Experimental and off by default (profile `prefill_max_defer_s: 0`). At 8 clients on agent
+turns (one run, 20 interactive requests each) it kept 75 % of interactive requests on target
+against 90 % without it, total 1.03x: the requests it held back went after their 10 s together
+into one long stall (now one per round), and the slack it let through was eaten by the batch
+growing afterwards, which the prediction does not model.
 """
 
 from __future__ import annotations
@@ -27,64 +40,122 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from sglang_ext import worker_metrics
 from sglang_ext.tier_policy import TierPolicy, request_tags
+
+PRIOR_SLOPE = 0.2  # step period grows ~20 % per extra request on a 2-core CPU (load_report.py)
+
+
+def uncached_tokens(req: Any) -> int:
+    """Prompt tokens a prefill of `req` computes: what the radix cache does not already hold."""
+    total = len(getattr(req, "origin_input_ids", ()) or ()) + len(getattr(req, "output_ids", ()) or ())
+    hit = int(getattr(req, "num_matched_prefix_tokens", 0) or getattr(req, "prefix_len", 0) or 0)
+    return max(0, total - hit)
 
 
 class PrefillPacer:
     def __init__(self, policy: TierPolicy, max_defer_s: float = 10.0, margin: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 periods: Optional[Callable[[], dict[int, float]]] = None) -> None:
         self.policy, self.max_defer_s, self.margin, self.clock = policy, max_defer_s, margin, clock
+        self.periods = periods or (lambda: {})  # measured decode step period per batch size
         self.rate: Optional[float] = None  # prefill tokens per second (EMA of measured extends)
         self._waiting_since: dict[str, float] = {}
-        self.deferred = 0  # steps held back (metrics, tests)
+        self.deferred = 0  # rounds with a request held back (metrics, tests)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             r = tokens / seconds
             self.rate = r if self.rate is None else 0.7 * self.rate + 0.3 * r
 
-    def _priority(self, tier: str) -> Optional[int]:
-        info = self.policy.tiers.get(tier)
-        return None if info is None else info.priority
+    def _priority(self, req: Any) -> int:
+        info = self.policy.tiers.get(request_tags(req)[1])
+        return info.priority if info is not None else self.policy.top
 
-    def defer(self, running: Sequence[Any], waiting: Sequence[Any]) -> bool:
-        """Hold this scheduling round's prefill back? running/waiting: SGLang Reqs."""
-        if self.max_defer_s <= 0 or not waiting or self.rate is None:
-            return False
-        now = self.clock()
-        live = {r.rid for r in waiting}
-        self._waiting_since = {rid: t for rid, t in self._waiting_since.items() if rid in live}
-        for r in waiting:
-            self._waiting_since.setdefault(r.rid, now)
-        promised = []
-        for r in running:
-            tier = request_tags(r)[1]
-            info = self.policy.tiers.get(tier)
-            if info is not None and info.target:
-                promised.append((r, info))
-        if not promised:
-            return False
-        top = min(info.priority for _, info in promised)
-        for r in waiting:
-            p = self._priority(request_tags(r)[1])
-            if (p is not None and p <= top) or now - self._waiting_since[r.rid] >= self.max_defer_s:
-                return False
-        stall = sum(len(r.origin_input_ids) - len(getattr(r, "prefix_indices", ()) or ()) for r in waiting[:1]) / self.rate
-        for r, info in promised:
+    def order(self, waiting: Sequence[Any]) -> list[Any]:
+        """Most important tier first; arrival order within a tier (a stable sort)."""
+        return sorted(waiting, key=self._priority)
+
+    def _slowdown(self, b: int, small: int) -> float:
+        """Step period at `b` running requests over that at `small` (>= 1)."""
+        p = self.periods()
+        if b in p and small in p and p[small] > 0:
+            return max(1.0, p[b] / p[small])
+        return (1 + PRIOR_SLOPE * (b - 1)) / (1 + PRIOR_SLOPE * (small - 1))
+
+    def _promises(self, running: Sequence[Any], now: float) -> list[tuple[int, float, float, float, float]]:
+        """Per running promised request that holding back can save:
+        (priority, need, tokens so far + remaining, elapsed + remaining / speed, remaining)."""
+        out = []
+        prios = [self._priority(r) for r in running]
+        for r, p in zip(running, prios):
+            info = self.policy.tiers.get(request_tags(r)[1])
+            if info is None or not info.target:
+                continue
+            need = (1 + self.margin) * float(info.target)
             n = len(r.output_ids)
+            max_new = getattr(r.sampling_params, "max_new_tokens", None)
+            remaining = max(0, (max_new if max_new is not None else 4 * n) - n)
             got = self.policy.achieved(r.rid, n, now)
             st = self.policy._start.get(r.rid)
             if got is None or st is None:
-                continue  # too early to know its speed
+                out.append((p, need, 1.0, 1.0 / need, remaining))  # new: exactly on target
+                continue
             t0, n0 = st
-            max_new = getattr(r.sampling_params, "max_new_tokens", None)
-            remaining = max(0, (max_new if max_new is not None else 4 * n) - n)
-            done = n - n0
-            predicted = (done + remaining) / ((now - t0) + remaining / max(got, 1e-6) + stall)
-            if predicted < (1 + self.margin) * float(info.target):
-                self.deferred += 1
-                return True
-        return False
+            done, elapsed = n - n0, now - t0
+            keep = sum(1 for q in prios if q <= p)  # what runs on when less important work drains
+            best = got * self._slowdown(len(running), keep)
+            if (done + remaining) / (elapsed + remaining / max(best, 1e-6)) < need:
+                continue  # misses even alone with its peers: holding others back does not save it
+            out.append((p, need, done + remaining, elapsed + remaining / max(got, 1e-6), remaining))
+        return out
+
+    def plan(self, running: Sequence[Any], waiting: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """(requests SGLang may prefill this round, in order; requests held back)."""
+        ordered = self.order(waiting)
+        if self.max_defer_s <= 0 or not ordered or self.rate is None:
+            return ordered, []
+        now = self.clock()
+        live = {r.rid for r in ordered}
+        self._waiting_since = {rid: t for rid, t in self._waiting_since.items() if rid in live}
+        for r in ordered:
+            self._waiting_since.setdefault(r.rid, now)
+        promises = self._promises(running, now)
+        go: list[Any] = []
+        held: list[Any] = []
+        stall = 0.0
+        overdue = False  # one request per round goes for having waited: no burst of them
+        for r in ordered:
+            p = self._priority(r)
+            cost = uncached_tokens(r) / self.rate
+            waited = now - self._waiting_since[r.rid] >= self.max_defer_s
+            breaks = any(q <= p and total / (time_left + stall + cost) < need
+                         for q, need, total, time_left, _ in promises)
+            if breaks and (overdue or not waited):
+                held.append(r)
+                continue
+            overdue = overdue or breaks
+            go.append(r)
+            stall += cost
+            info = self.policy.tiers.get(request_tags(r)[1])
+            if info is not None and info.target:  # prefilled now, decoding next: a promise too
+                need = (1 + self.margin) * float(info.target)
+                promises.append((p, need, 1.0, 1.0 / need - stall, 0))  # only later stalls count
+        if held:
+            self.deferred += 1
+        return go, held
+
+
+def match_prefixes(scheduler: Any, reqs: Sequence[Any]) -> None:
+    """Each waiting request's radix-cache hit, as SGLang's scheduling policy computes it every
+    round (an agent's next turn is mostly cached: its stall is the new tokens only)."""
+    tree = getattr(scheduler, "tree_cache", None)
+    if tree is None or not tree.supports_fast_match_prefix():
+        return
+    from sglang.srt.mem_cache.common import match_kv_cache
+
+    for r in reqs:
+        match_kv_cache(r, tree)
 
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
@@ -92,12 +163,21 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
 
 def around_prefill(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     pacer = getattr(getattr(scheduler, "draft_worker", None), "pacer", None)
-    if pacer is not None and getattr(scheduler, "chunked_req", None) is None:
-        running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
-        try:
-            hold = running_batch is not None and pacer.defer(running_batch.reqs, scheduler.waiting_queue)
-        except Exception:  # pacing is an aid: never let it stop scheduling
-            hold = False
-        if hold:
-            return None, running_batch
-    return original(scheduler, *args, **kwargs)
+    if pacer is None or getattr(scheduler, "chunked_req", None) is not None or not scheduler.waiting_queue:
+        return original(scheduler, *args, **kwargs)
+    running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+    queue = list(scheduler.waiting_queue)
+    try:
+        match_prefixes(scheduler, queue)
+        go, held = pacer.plan(running_batch.reqs if running_batch is not None else [], queue)
+    except Exception:  # pacing is an aid: never let it stop scheduling
+        return original(scheduler, *args, **kwargs)
+    if held:
+        worker_metrics.prefill_held([request_tags(r)[1] for r in held])
+    if not go:
+        return None, running_batch
+    scheduler.waiting_queue = go
+    try:
+        return original(scheduler, *args, **kwargs)
+    finally:  # what SGLang left waiting, then the held requests; all in plan order next round
+        scheduler.waiting_queue = list(scheduler.waiting_queue) + held

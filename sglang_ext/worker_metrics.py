@@ -49,6 +49,7 @@ def _metrics() -> dict[str, Any] | None:
             "agent_accepted": Counter("agentserve:agent_spec_accepted_drafts_total", "Drafts accepted per agent and source", ["agent", "source"]),
             "mixed": Counter("agentserve:spec_mixed_steps_total", "Extend steps that also decoded the running requests (--enable-mixed-chunk)"),
             "stall": Counter("agentserve:tier_prefill_stall_seconds_total", "Request-seconds running requests of the tier waited on other requests' prefills between two decode steps", ["tier"]),
+            "held": Counter("agentserve:tier_prefill_held_total", "Scheduling rounds a waiting request of the tier was held back by prefill pacing (its prefill would break a running promise)", ["tier"]),
             "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
@@ -61,6 +62,16 @@ def fallback(reason: str) -> None:
     m = _metrics()
     if m:
         m["fallback"].labels(reason=reason).inc()
+
+
+def prefill_held(tiers: list[str]) -> None:
+    m = _metrics()
+    if m:
+        try:
+            for t in tiers:
+                m["held"].labels(tier=t or "none").inc()
+        except Exception as e:  # pragma: no cover
+            log.debug("metric update failed: %s", e)
 
 
 def mixed_step() -> None:

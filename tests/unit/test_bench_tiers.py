@@ -29,16 +29,18 @@ def test_each_system_is_a_valid_profile(system: str) -> None:
 
 
 def test_summary_counts_attainment_and_refusals() -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0},
-           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0},
+    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0},
+           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0, "wall": 9.0, "decode_s": 6.0},
            {"tier": "standard", "status": 429, "tokens": 0, "user_tps": None},
            {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0}]
     row = summarize("tier_aware", 4, res, 10.0, {"budget_per_request": 2.5}, TIERS)
     assert row["total_tps"] == 10.0 and row["budget_per_request"] == 2.5
     assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0,
-                                           "stall_share": None, "stall_share_met": None, "stall_share_missed": None}
+                                           "stall_share": None, "stall_share_met": None, "stall_share_missed": None,
+                                           "ttft_mean": 2.0, "ttft_p95": 3.0}  # waits of 1 s and 3 s
     assert row["tiers"]["standard"]["refused"] == 1 and row["tiers"]["standard"]["attainment"] is None
     assert row["tiers"]["batch"]["attainment"] is None and row["tiers"]["batch"]["user_tps"] == 1.0
+    assert row["tiers"]["batch"]["ttft_mean"] is None  # no timings known
 
 
 def test_spec_delta_conditional_acceptance() -> None:

@@ -228,6 +228,9 @@ def test_attainment_plan_holds_back_for_the_answers_to_come_not_for_a_lost_one()
         gate.tiers["batch"].running += 1
         reason = gate.blocked_by("batch")
         assert reason is not None and "keep 33% of its requests" in reason and "against 100% with 4" in reason
+        drain = await running(TierGate(TIERS, capacity=cap, plan="drain"), 2, 2)
+        reason = drain.blocked_by("batch")  # compared with what the tier keeps alone (B = 2)
+        assert reason is not None and "against 100% with 2" in reason
         # A running request whose text never drafts (τ 1: 1 / 0.07 = 14 < 22 with B = 2) misses at
         # every batch size: the slowest-running plan holds every other tier back for it, the
         # attainment plan does not, while the other requests keep their speed.
@@ -242,5 +245,54 @@ def test_attainment_plan_holds_back_for_the_answers_to_come_not_for_a_lost_one()
         few = CapacityModel.from_report(_report({"interactive": [1.0, 8.0]}, {}))
         gate = await running(TierGate(TIERS, capacity=few), 2, 0)
         assert "predicted at" in (gate.blocked_by("batch") or "")
+
+    asyncio.run(run())
+
+
+def test_drain_plan_keeps_a_tier_at_the_batch_size_its_answers_need() -> None:
+    async def run() -> None:
+        # period 50 ms at B = 1, 70 ms at B = 2: 22 tok/s (20 + 10 %) needs τ >= 1.1 alone and
+        # τ >= 1.54 with two running; one answer in five was prose at τ 1.2
+        cap = CapacityModel.from_report(_report({"interactive": [6.0]}, {"interactive": [1.2, 6.0, 6.0, 6.0]}))
+        default = TierGate(TIERS, capacity=cap)
+        default.tiers["interactive"].running = 1
+        assert default.blocked_by("interactive") is None  # the default plan plans its own tier on τ 6 running
+        gate = TierGate(TIERS, capacity=cap, plan="drain")
+        gate.tiers["interactive"].running = 1
+        reason = gate.blocked_by("interactive")  # a second one would put 20 % of the answers below target
+        assert reason is not None and "keep 80% of its requests" in reason and "against 100% with 1" in reason
+        assert gate.blocked_by("batch") is not None  # and so would a batch request
+        gate.tiers["interactive"].running = 0
+        gate.tiers["batch"].running = 2  # the interactive request waits for less important work to drain
+        reason = gate.blocked_by("interactive")
+        assert reason is not None and "with 3 requests running" in reason and "against 100% with 1" in reason
+        # a tier whose answers all draft well shares the machine
+        easy = CapacityModel.from_report(_report({"interactive": [6.0]}, {"interactive": [3.0, 6.0, 6.0, 6.0]}))
+        gate = TierGate(TIERS, capacity=easy, plan="drain")
+        gate.tiers["interactive"].running = 1
+        assert gate.blocked_by("interactive") is None and gate.blocked_by("batch") is None
+
+    asyncio.run(run())
+
+
+def test_a_finished_promised_request_keeps_its_place_for_the_agents_next_turn() -> None:
+    async def run() -> None:
+        clk = Clock()
+        cap = CapacityModel.from_report(_report({"interactive": [6.0]}, {"interactive": [1.2, 6.0, 6.0, 6.0]}))
+        gate = TierGate(TIERS, capacity=cap, clock=clk, return_s=1.0)
+        await gate.admit("interactive")
+        await gate.release("interactive", 30.0)
+        clk.t += 0.5  # the agent runs its tool; its next turn is expected back
+        assert gate.tiers["interactive"].returning(clk.t, 1.0) == 1
+        assert gate.blocked_by("batch") is not None
+        await gate.admit("interactive")  # it came back: its place is taken, not kept twice
+        assert gate.tiers["interactive"].returning(clk.t, 1.0) == 0
+        await gate.release("interactive", 30.0)
+        clk.t += 1.1  # did not come back within return_s: the place is given up
+        assert gate.blocked_by("batch") is None
+        no_wait = TierGate(TIERS, capacity=cap, clock=clk)  # return_s 0 (TierGate's default)
+        await no_wait.admit("interactive")
+        await no_wait.release("interactive", 30.0)
+        assert no_wait.blocked_by("batch") is None
 
     asyncio.run(run())

@@ -1,11 +1,12 @@
-"""Prefill pacing (sglang_ext/prefill_pacing.py): a less important prefill waits while it would
-break a running promise, never a promised one, never longer than max_defer_s."""
+"""Prefill pacing (sglang_ext/prefill_pacing.py): promised tiers are prefilled first; a prefill
+waits while its stall would break a running promise that waiting can save, never longer than
+max_defer_s; SGLang sees the requests that may go, and the held ones come back after."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sglang_ext.prefill_pacing import PrefillPacer, around_prefill
+from sglang_ext.prefill_pacing import PrefillPacer, around_prefill, uncached_tokens
 from sglang_ext.tier_policy import TierInfo, TierPolicy
 
 
@@ -17,16 +18,19 @@ class Clock:
         return self.t
 
 
-def req(rid: str, tier: str, prompt: int, out: int = 0, max_new: int = 64) -> SimpleNamespace:
+def req(rid: str, tier: str, prompt: int, out: int = 0, max_new: int = 64, cached: int = 0) -> SimpleNamespace:
     sp = SimpleNamespace(custom_params={"__agentserve_tier": tier}, max_new_tokens=max_new)
     return SimpleNamespace(rid=rid, origin_input_ids=[1] * prompt, output_ids=[2] * out, sampling_params=sp,
-                           prefix_indices=[])
+                           num_matched_prefix_tokens=cached)
 
 
-def setup(defer_s: float = 10.0) -> tuple[PrefillPacer, Clock, SimpleNamespace]:
+TIERS = {"interactive": TierInfo(12.0, 0), "standard": TierInfo(6.0, 1), "batch": TierInfo(None, 2)}
+
+
+def setup(defer_s: float = 10.0, periods: dict[int, float] | None = None) -> tuple[PrefillPacer, Clock, SimpleNamespace]:
     clk = Clock()
-    pol = TierPolicy({"interactive": TierInfo(12.0, 0), "batch": TierInfo(None, 2)}, clock=clk)
-    pacer = PrefillPacer(pol, max_defer_s=defer_s, margin=0.1, clock=clk)
+    pol = TierPolicy(dict(TIERS), clock=clk)
+    pacer = PrefillPacer(pol, max_defer_s=defer_s, margin=0.1, clock=clk, periods=lambda: dict(periods or {}))
     inter = req("i", "interactive", 50, out=4)
     pol.achieved("i", 4, clk.t)  # its first decode step
     clk.t += 1.0
@@ -34,46 +38,127 @@ def setup(defer_s: float = 10.0) -> tuple[PrefillPacer, Clock, SimpleNamespace]:
     return pacer, clk, inter
 
 
+def rids(xs: list) -> list[str]:
+    return [x.rid for x in xs]
+
+
 def test_a_long_low_tier_prefill_waits_a_short_one_goes() -> None:
     pacer, clk, inter = setup()
-    assert not pacer.defer([inter], [req("b", "batch", 400)])  # no prefill rate measured yet
+    go, held = pacer.plan([inter], [req("b", "batch", 400)])
+    assert rids(go) == ["b"] and held == []  # no prefill rate measured yet: nothing is held
     pacer.observe_prefill(200, 1.0)  # 200 tok/s
     # 400 tokens stall 2 s: (15 + 45) / (1 + 3 + 2) = 10 tok/s < 13.2
-    assert pacer.defer([inter], [req("b", "batch", 400)]) and pacer.deferred == 1
+    go, held = pacer.plan([inter], [req("b", "batch", 400)])
+    assert go == [] and rids(held) == ["b"] and pacer.deferred == 1
     # 20 tokens stall 0.1 s: 60 / 4.1 = 14.6 tok/s >= 13.2
-    assert not pacer.defer([inter], [req("c", "batch", 20)])
+    go, held = pacer.plan([inter], [req("c", "batch", 20)])
+    assert rids(go) == ["c"] and held == []
 
 
-def test_promised_prefills_and_long_waits_are_never_held() -> None:
-    pacer, clk, inter = setup(defer_s=5.0)
+def test_the_stall_is_the_uncached_part_and_adds_up_in_order() -> None:
+    pacer, clk, inter = setup()
     pacer.observe_prefill(200, 1.0)
-    assert not pacer.defer([inter], [req("j", "interactive", 400)])  # a promise of its own
-    assert not pacer.defer([req("x", "batch", 10, out=5)], [req("b", "batch", 400)])  # no promise running
+    assert uncached_tokens(req("x", "batch", 400, out=3, cached=380)) == 23
+    # 400 tokens, 380 cached: a 0.1 s stall, like a 20-token prompt
+    assert rids(pacer.plan([inter], [req("b", "batch", 400, cached=380)])[0]) == ["b"]
+    # 20-token prompts stall 0.1 s each: five make 0.5 s, 60 / 4.5 = 13.3 >= 13.2; a sixth
+    # would make 0.6 s, 60 / 4.6 = 13.04 < 13.2 -> it waits, and so does the one after it
+    waiting = [req(f"b{k}", "batch", 20) for k in range(7)]
+    go, held = pacer.plan([inter], waiting)
+    assert rids(go) == ["b0", "b1", "b2", "b3", "b4"] and rids(held) == ["b5", "b6"]
+
+
+def test_promised_tiers_go_first_and_hold_less_important_work_in_the_same_round() -> None:
+    pacer, clk, inter = setup()
+    pacer.observe_prefill(200, 1.0)
+    waiting = [req("b", "batch", 10), req("s", "standard", 10), req("j", "interactive", 10)]
+    assert rids(pacer.order(waiting)) == ["j", "s", "b"]
+    # nothing running: the interactive request goes; what would delay its first steps waits
+    go, held = pacer.plan([], waiting)
+    assert rids(go) == ["j"] and rids(held) == ["s", "b"]
+    # a running request of a tier without a target holds nothing back
+    go, held = pacer.plan([req("x", "batch", 10, out=5)], [req("b", "batch", 400)])
+    assert rids(go) == ["b"] and held == []
+
+
+def test_same_tier_waits_for_a_running_promise_more_important_never_does() -> None:
+    pacer, clk, inter = setup()
+    pacer.observe_prefill(200, 1.0)
+    go, held = pacer.plan([inter], [req("j", "interactive", 400)])  # same tier: 2 s would break it
+    assert go == [] and rids(held) == ["j"]
+    std = req("s0", "standard", 50, out=4)
+    pacer.policy.achieved("s0", 4, clk.t)
+    clk.t += 1.0
+    std.output_ids = [2] * 10  # 6 tok/s, far behind 6.6 with the stall
+    go, held = pacer.plan([std], [req("j", "interactive", 400)])
+    assert rids(go) == ["j"]  # an interactive prefill never waits for a standard stream
+
+
+def test_only_a_promise_that_waiting_can_save_holds_others() -> None:
+    # 2 tok/s at 8 running, x4 alone: (4 + 56) / (2 + 56 / 8) = 6.7 < 13.2 -> not held for it
+    pacer, clk, inter = setup(periods={8: 0.4, 1: 0.1})
+    pacer.observe_prefill(200, 1.0)
+    slow = req("i", "interactive", 50, out=4)
+    pacer.policy._start["i"] = (clk.t - 2.0, 4)
+    slow.output_ids = [2] * 8  # 4 tokens in 2 s
+    others = [req(f"b{k}", "batch", 10, out=3) for k in range(7)]
+    assert rids(pacer.plan([slow, *others], [req("b", "batch", 400)])[0]) == ["b"]
+    # 10 tok/s at 8 running, x4 alone (measured periods): (20 + 40) / (2 + 40 / 40) = 20 -> saved
+    slow.output_ids = [2] * 24
+    go, held = pacer.plan([slow, *others], [req("b", "batch", 400)])
+    assert go == [] and rids(held) == ["b"]
+
+
+def test_nothing_waits_longer_than_max_defer() -> None:
+    pacer, clk, _ = setup(defer_s=5.0)
+    pacer.observe_prefill(200, 1.0)
+    fresh = req("k", "interactive", 50, out=1)  # no speed yet: counts as exactly on target
     waiting = [req("b", "batch", 400)]
-    assert pacer.defer([inter], waiting)
-    clk.t += 5.0
-    inter.output_ids = [2] * 20  # still behind
-    assert not pacer.defer([inter], waiting)  # waited max_defer_s: it goes now
+    assert pacer.plan([fresh], waiting)[1]
+    clk.t += 4.9
+    assert pacer.plan([fresh], waiting)[1]
+    clk.t += 0.1
+    assert rids(pacer.plan([fresh], waiting)[0]) == ["b"]  # waited max_defer_s: it goes now
+    late = [req(f"l{k}", "batch", 400) for k in range(3)]
+    assert pacer.plan([fresh], late)[1]
+    clk.t += 5.0  # all three overdue: one goes per round, not all three into one long stall
+    go, held = pacer.plan([fresh], late)
+    assert rids(go) == ["l0"] and rids(held) == ["l1", "l2"]
 
 
-def test_hook_holds_back_or_calls_through() -> None:
+def test_hook_shows_sglang_what_may_go_and_keeps_what_is_held() -> None:
     pacer, clk, inter = setup()
     pacer.observe_prefill(200, 1.0)
     batch = SimpleNamespace(reqs=[inter])
-    sched = SimpleNamespace(draft_worker=SimpleNamespace(pacer=pacer), chunked_req=None,
-                            waiting_queue=[req("b", "batch", 400)])
-    calls = []
+    seen: list[list[str]] = []
 
     def original(s, *a, **k):
-        calls.append(1)
+        seen.append(rids(s.waiting_queue))
+        s.waiting_queue = s.waiting_queue[1:]  # SGLang took the first one
         return "prefill", k["running_batch"]
 
+    sched = SimpleNamespace(draft_worker=SimpleNamespace(pacer=pacer), chunked_req=None,
+                            waiting_queue=[req("b", "batch", 400)])
     assert around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch) == (None, batch)
-    sched.waiting_queue = [req("j", "interactive", 400)]
+    assert rids(sched.waiting_queue) == ["b"] and seen == []  # all held: SGLang not asked
+    sched.waiting_queue = [req("b", "batch", 400), req("c", "batch", 10), req("d", "batch", 10)]
     assert around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch) == ("prefill", batch)
-    sched.chunked_req = object()  # a chunked prefill under way always continues
-    sched.waiting_queue = [req("b2", "batch", 400)]
+    assert seen[-1] == ["c", "d"] and rids(sched.waiting_queue) == ["d", "b"]
+    sched.chunked_req = object()  # a chunked prefill under way always continues, queue untouched
     around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch)
+    assert seen[-1] == ["d", "b"]
     sched.chunked_req, sched.draft_worker = None, SimpleNamespace(pacer=None)  # plain servers
+    sched.waiting_queue = [req("b", "batch", 400), req("j", "interactive", 10)]
     around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch)
-    assert len(calls) == 3
+    assert seen[-1] == ["b", "j"] and len(seen) == 3  # SGLang's own order
+
+
+def test_a_failing_plan_falls_back_to_sglang() -> None:
+    pacer, clk, inter = setup()
+    pacer.observe_prefill(200, 1.0)
+    pacer.plan = None  # type: ignore[assignment]  # calling it raises
+    sched = SimpleNamespace(draft_worker=SimpleNamespace(pacer=pacer), chunked_req=None,
+                            waiting_queue=[req("b", "batch", 400)])
+    out = around_prefill(lambda s, *a, **k: ("prefill", k["running_batch"]), sched,
+                         prefill_delayer_single_pass=None, running_batch=SimpleNamespace(reqs=[inter]))
+    assert out[0] == "prefill" and rids(sched.waiting_queue) == ["b"]
