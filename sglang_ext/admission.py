@@ -156,30 +156,25 @@ class TierGate:
             if u.priority > t.priority or u.target is None or (count[u.name] == 0 and u is not t):
                 continue
             need = (1 + self.margin) * u.target
-            if self.plan == "drain":
-                # what u keeps if everything less important drains, without this request
-                keep = max(1, sum(c for v, c in count.items() if self.tiers[v].priority <= u.priority))
-                next_att, best_att = self.capacity.attainment(u.name, b, need), self.capacity.attainment(u.name, keep, need)
-                if next_att is not None and best_att is not None:
-                    if next_att < min(self.min_attainment, best_att):
+            ref = None  # the batch size u's predicted share at B+1 is compared with
+            if self.plan == "drain":  # what u keeps once everything less important drains, without T's request
+                ref = max(1, sum(c for v, c in count.items() if self.tiers[v].priority <= u.priority))
+            elif self.plan == "attainment" and u.priority < t.priority:
+                ref = running  # the load now
+            if ref is not None:
+                next_att, ref_att = self.capacity.attainment(u.name, b, need), self.capacity.attainment(u.name, ref, need)
+                if next_att is not None and ref_att is not None:
+                    if next_att < min(self.min_attainment, ref_att):
                         return (f"tier '{u.name}' is predicted to keep {next_att:.0%} of its requests at its "
                                 f"{u.target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
-                                f"against {best_att:.0%} with {keep}")
-                    continue  # the tier keeps >= 95 %, or waiting would not raise its share
+                                f"against {ref_att:.0%} with {ref}")
+                    continue  # the tier keeps >= 95 %, or holding T back would not raise its share
             if u.priority == t.priority:
                 if less_important_running:
                     continue  # they drain: rule (c) holds their tiers back while u misses
                 now_pred = self.capacity.predict(u.name, running)
                 if now_pred is None or now_pred < u.target:
                     continue  # already below target at this load: holding u back does not keep it
-            if self.plan == "attainment" and u.priority < t.priority:
-                now_att, next_att = self.capacity.attainment(u.name, running, need), self.capacity.attainment(u.name, b, need)
-                if now_att is not None and next_att is not None:
-                    if next_att < min(self.min_attainment, now_att):
-                        return (f"tier '{u.name}' is predicted to keep {next_att:.0%} of its requests at its "
-                                f"{u.target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
-                                f"against {now_att:.0%} with {running}")
-                    continue  # no promise lost by the extra request (or the tier keeps >= 95 %)
             pred = self.capacity.predict(u.name, b)
             if pred is not None and pred < need:
                 return (f"tier '{u.name}' is predicted at {pred:.1f} tok/s per user with {b} requests running, "
