@@ -195,7 +195,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self.tier_policy = TierPolicy.from_env()
         self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
         # prefills of less important requests wait while they would break a running promise
-        defer_s = float(prof.get("prefill_max_defer_s", 0.0))
+        defer_s = float(prof.get("prefill_max_defer_s", 10.0))
         self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
         self.pacer: Optional[PrefillPacer] = (
             PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)),

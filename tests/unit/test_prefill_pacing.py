@@ -30,7 +30,8 @@ TIERS = {"interactive": TierInfo(12.0, 0), "standard": TierInfo(6.0, 1), "batch"
 def setup(defer_s: float = 10.0, periods: dict[int, float] | None = None) -> tuple[PrefillPacer, Clock, SimpleNamespace]:
     clk = Clock()
     pol = TierPolicy(dict(TIERS), clock=clk)
-    pacer = PrefillPacer(pol, max_defer_s=defer_s, margin=0.1, clock=clk, periods=lambda: dict(periods or {}))
+    flat = {b: 0.1 for b in range(1, 9)}  # unless a test says otherwise, a step costs the same at any B
+    pacer = PrefillPacer(pol, max_defer_s=defer_s, margin=0.1, clock=clk, periods=lambda: dict(periods or flat))
     inter = req("i", "interactive", 50, out=4)
     pol.achieved("i", 4, clk.t)  # its first decode step
     clk.t += 1.0
@@ -68,6 +69,18 @@ def test_the_stall_is_the_uncached_part_and_adds_up_in_order() -> None:
     assert rids(go) == ["b0", "b1", "b2", "b3", "b4"] and rids(held) == ["b5", "b6"]
 
 
+def test_requests_let_in_slow_the_rest_of_a_promised_answer() -> None:
+    # 15 tok/s alone, 45 tokens left; B = 2 steps 1.5x as long as B = 1 (measured)
+    pacer, clk, inter = setup(periods={1: 0.1, 2: 0.15, 3: 0.2})
+    pacer.observe_prefill(200, 1.0)
+    # a 20-token prompt stalls 0.1 s, but then decodes alongside: 60 / (1 + 3 x 1.5 + 0.1) = 10.9 < 13.2
+    go, held = pacer.plan([inter], [req("c", "batch", 20)])
+    assert go == [] and rids(held) == ["c"]
+    flat, _, inter2 = setup()
+    flat.observe_prefill(200, 1.0)
+    assert rids(flat.plan([inter2], [req("c", "batch", 20)])[0]) == ["c"]  # 60 / 4.1 = 14.6 with a flat cost
+
+
 def test_promised_tiers_go_first_and_hold_less_important_work_in_the_same_round() -> None:
     pacer, clk, inter = setup()
     pacer.observe_prefill(200, 1.0)
@@ -76,6 +89,13 @@ def test_promised_tiers_go_first_and_hold_less_important_work_in_the_same_round(
     # nothing running: the interactive request goes; what would delay its first steps waits
     go, held = pacer.plan([], waiting)
     assert rids(go) == ["j"] and rids(held) == ["s", "b"]
+    # two of a tier arriving together are prefilled together; a new one without a speed yet
+    # does not hold back the next of its tier, only less important work
+    go, held = pacer.plan([], [req("j1", "interactive", 400), req("b", "batch", 10), req("j2", "interactive", 400)])
+    assert rids(go) == ["j1", "j2"] and rids(held) == ["b"]
+    fresh = req("k", "interactive", 50, out=1)
+    go, held = pacer.plan([fresh], [req("j3", "interactive", 400), req("s", "standard", 10)])
+    assert rids(go) == ["j3"] and rids(held) == ["s"]
     # a running request of a tier without a target holds nothing back
     go, held = pacer.plan([req("x", "batch", 10, out=5)], [req("b", "batch", 400)])
     assert rids(go) == ["b"] and held == []
@@ -103,6 +123,11 @@ def test_only_a_promise_that_waiting_can_save_holds_others() -> None:
     slow.output_ids = [2] * 8  # 4 tokens in 2 s
     others = [req(f"b{k}", "batch", 10, out=3) for k in range(7)]
     assert rids(pacer.plan([slow, *others], [req("b", "batch", 400)])[0]) == ["b"]
+    # 4.5 tok/s at 8 running, x4 alone: (9 + 51) / (2 + 51 / 18) = 12.4 -- under target + margin
+    # (13.2) but over the target itself (12): it can still keep its promise, so it is held for
+    slow.output_ids = [2] * 13
+    go, held = pacer.plan([slow, *others], [req("b", "batch", 400)])
+    assert go == [] and rids(held) == ["b"]
     # 10 tok/s at 8 running, x4 alone (measured periods): (20 + 40) / (2 + 40 / 40) = 20 -> saved
     slow.output_ids = [2] * 24
     go, held = pacer.plan([slow, *others], [req("b", "batch", 400)])
