@@ -47,9 +47,8 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from sglang_ext import worker_metrics
+from sglang_ext.load_report import PRIOR_SLOPE
 from sglang_ext.tier_policy import TierPolicy, request_tags
-
-PRIOR_SLOPE = 0.2  # step period grows ~20 % per extra request on a 2-core CPU (load_report.py)
 
 
 def uncached_tokens(req: Any) -> int:
@@ -116,8 +115,14 @@ class PrefillPacer:
             out.append((p, need, done + remaining, elapsed, remaining / max(got, 1e-6), True))
         return out
 
-    def plan(self, running: Sequence[Any], waiting: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        """(requests SGLang may prefill this round, in order; requests held back)."""
+    def _promised(self, req: Any) -> bool:
+        info = self.policy.tiers.get(request_tags(req)[1])
+        return info is not None and bool(info.target)
+
+    def plan(self, running: Sequence[Any], waiting: Sequence[Any],
+             match: Optional[Callable[[Sequence[Any]], None]] = None) -> tuple[list[Any], list[Any]]:
+        """(requests SGLang may prefill this round, in order; requests held back). `match`
+        refreshes the waiting requests' radix-cache hits, called only when a stall matters."""
         ordered = self.order(waiting)
         if self.max_defer_s <= 0 or not ordered or self.rate is None:
             return ordered, []
@@ -127,6 +132,10 @@ class PrefillPacer:
         for r in ordered:
             self._waiting_since.setdefault(r.rid, now)
         promises = self._promises(running, now)
+        if not promises and not any(self._promised(r) for r in ordered):
+            return ordered, []  # no promise running or waiting: nothing a stall could break
+        if match is not None:
+            match(ordered)
         go: list[Any] = []
         held: list[Any] = []
         stall = 0.0
@@ -135,11 +144,11 @@ class PrefillPacer:
             p = self._priority(r)
             cost = uncached_tokens(r) / self.rate
             waited = now - self._waiting_since[r.rid] >= self.max_defer_s
-            # a same-tier request waits only for a promise whose speed is known: two of a tier
-            # arriving together are prefilled together, not one into the other's first steps
             # the rest of each answer runs at the batch size this round leaves: every request let
             # in decodes alongside it from now on (step period at B over that at the B now)
             slow = self._slowdown(len(running) + len(go) + 1, max(1, len(running)))
+            # a same-tier request waits only for a promise whose speed is known: two of a tier
+            # arriving together are prefilled together, not one into the other's first steps
             breaks = any((q < p or (q == p and measured)) and total / (elapsed + rest * slow + stall + cost) < need
                          for q, need, total, elapsed, rest, measured in promises)
             if breaks and (overdue or not waited):
@@ -148,9 +157,8 @@ class PrefillPacer:
             overdue = overdue or breaks
             go.append(r)
             stall += cost
-            info = self.policy.tiers.get(request_tags(r)[1])
-            if info is not None and info.target:  # prefilled now, decoding next: a promise too
-                need = (1 + self.margin) * float(info.target)
+            if self._promised(r):  # prefilled now, decoding next: a promise too
+                need = (1 + self.margin) * float(self.policy.tiers[request_tags(r)[1]].target)
                 promises.append((p, need, 1.0, 1.0 / need - stall, 0.0, False))  # only later stalls count
         if held:
             self.deferred += 1
@@ -179,8 +187,8 @@ def around_prefill(original: Callable[..., Any], scheduler: Any, *args: Any, **k
     running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
     queue = list(scheduler.waiting_queue)
     try:
-        match_prefixes(scheduler, queue)
-        go, held = pacer.plan(running_batch.reqs if running_batch is not None else [], queue)
+        go, held = pacer.plan(running_batch.reqs if running_batch is not None else [], queue,
+                              match=lambda reqs: match_prefixes(scheduler, reqs))
     except Exception:  # pacing is an aid: never let it stop scheduling
         return original(scheduler, *args, **kwargs)
     if held:
