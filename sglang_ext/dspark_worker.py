@@ -199,7 +199,8 @@ class AgentSparkWorker(BaseSpecWorker):
         self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
         self.pacer: Optional[PrefillPacer] = (
             PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)),
-                         periods=self.load.measured_periods)
+                         periods=self.load.step_periods, tau=self.load.request_tau,
+                         plain_periods=self.load.plain_periods)
             if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
         self.ragged = bool(drafter_prof.get("ragged_verify", True))
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
@@ -468,6 +469,8 @@ class AgentSparkWorker(BaseSpecWorker):
             self._forget(gone)
         self._prev_rids = set(rids)
         self._expire_sessions()
+        if self.pacer is not None:
+            self.pacer.decode_step()
         tags = [request_tags(r) for r in batch.reqs]
         stats.agents, stats.tiers = [t[0] for t in tags], [t[1] for t in tags]
 
@@ -676,7 +679,8 @@ class AgentSparkWorker(BaseSpecWorker):
         self.last = stats
         worker_metrics.observe_step(stats)
         self.load.observe(rids, stats.tiers, stats.emitted, self.sps.measured,
-                          behind=self.tier_policy.behind if self.scheduler_mode == "tier_aware" else None)
+                          behind=self.tier_policy.behind if self.scheduler_mode == "tier_aware" else None,
+                          stall_s=stats.prefill_s, plain=n_tokens <= bs)
         if worker_metrics.tracing():
             stats.rids, stats.t = rids, time.time()
         worker_metrics.trace_step(stats)

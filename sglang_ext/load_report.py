@@ -55,6 +55,11 @@ class LoadPublisher:
         self.path, self.every_s, self.ema, self.clock = path, every_s, ema, clock
         self.period: dict[int, float] = {}
         self.count: dict[int, int] = {}
+        # the same without the prefills in between: what a step itself costs at B (prefill
+        # pacing adds the stalls it is about to cause on its own)
+        self.step_period: dict[int, float] = {}
+        self.plain_period: dict[int, float] = {}  # the same for steps verifying no drafts
+        self.plain_count: dict[int, int] = {}
         self.tau: dict[str, float] = {}
         self.tau_all: Optional[float] = None
         self.req_tau: dict[str, float] = {}  # running request -> its τ (EMA from its tier's mean)
@@ -70,10 +75,13 @@ class LoadPublisher:
         return new if old is None else (1 - self.ema) * old + self.ema * new
 
     def observe(self, rids: list[str], tiers: list[str], emitted: list[int],
-                forward: Callable[[], dict[int, float]], behind: Optional[dict[str, int]] = None) -> None:
+                forward: Callable[[], dict[int, float]], behind: Optional[dict[str, int]] = None,
+                stall_s: float = 0.0, plain: bool = False) -> None:
         """After a decode step: its requests, their tiers and tokens emitted; `forward()` gives
         the measured forward seconds per batch-token count (called only when writing);
-        `behind`: running requests per tier below target (tier-aware scheduling only)."""
+        `behind`: running requests per tier below target (tier-aware scheduling only);
+        `stall_s`: prefill seconds run since the previous decode step; `plain`: the step
+        verified no drafts (one position per request)."""
         self.behind = None if behind is None else dict(behind)
         now = self.clock()
         cur = frozenset(rids)
@@ -81,6 +89,10 @@ class LoadPublisher:
             t, b, prev = self._prev
             if prev & cur:  # the same streams went on: the gap is what they waited
                 self.period[b] = self._mix(self.period.get(b), now - t)
+                self.step_period[b] = self._mix(self.step_period.get(b), max(0.0, now - t - stall_s))
+                if plain:
+                    self.plain_period[b] = self._mix(self.plain_period.get(b), max(0.0, now - t - stall_s))
+                    self.plain_count[b] = self.plain_count.get(b, 0) + 1
                 self.count[b] = self.count.get(b, 0) + 1
         if self._prev is not None:
             for rid in self._prev[2] - cur:  # gone from the decode batch: finished
@@ -111,6 +123,21 @@ class LoadPublisher:
     def measured_periods(self) -> dict[int, float]:
         """Decode step period per batch size, where seen MIN_PERIODS times."""
         return {b: p for b, p in self.period.items() if self.count.get(b, 0) >= MIN_PERIODS}
+
+    def step_periods(self) -> dict[int, float]:
+        """The same without the prefills run between steps."""
+        return {b: p for b, p in self.step_period.items() if self.count.get(b, 0) >= MIN_PERIODS}
+
+    def plain_periods(self) -> dict[int, float]:
+        """Step period per batch size of steps that verified no drafts (plain decoding): what a
+        request whose drafts do not pay gets, whatever the mean step at that size costs."""
+        return {b: p for b, p in self.plain_period.items() if self.plain_count.get(b, 0) >= MIN_PERIODS}
+
+    def request_tau(self, rid: str) -> Optional[float]:
+        """Tokens per decode step of a running request over its answer so far (None before two
+        steps): unlike its tokens per second, the same at any batch size and with any stall."""
+        life = self._life.get(rid)
+        return life[2] / life[1] if life is not None and life[1] >= 2 else None
 
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,

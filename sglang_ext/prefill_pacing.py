@@ -16,22 +16,31 @@ speed in every step and still miss it over the request. Before SGLang builds a p
 
        (tokens so far + remaining) / (elapsed + remaining / speed x slowdown + stall),
 
-   remaining = its max_new_tokens left (an upper bound), speed = its decode speed so far,
-   slowdown = the measured step period at the batch size this round would leave over that at
-   the batch size now (each request let in decodes alongside it for the rest of its answer).
-   A request of the same tier is held only for a running request whose speed is measured.
+   remaining = its max_new_tokens left (an upper bound), speed = its tokens per decode step so
+   far over the measured step period at the batch size now (prefills between steps left out:
+   the stalls are added apart; its decode speed so far until both are known), slowdown = the
+   step period at the batch size this round would leave over that at the batch size now (each
+   request let in decodes alongside it for the rest of its answer).
+   A request of the same tier is held for a running request of its tier too (two answers
+   of a tier interleaved with each other's prefills both miss; one after the other, both can
+   keep the promise), but not for one being prefilled in this very round: two arriving
+   together are prefilled together.
    A request is only held for one that holding can save: one that would still reach its
    target (the target itself, not target + margin: a τ ≈ 1 answer making 12.5 tok/s alone
-   keeps a 12 tok/s promise) at the speed it would get once the less important requests drain
-   (its speed scaled by the measured step period at the current batch size over that at the
-   smaller one). A promised request too new to have a speed, or being prefilled in this very
+   keeps a 12 tok/s promise) at the speed it would get once the less important requests and
+   the other answers of its tier are gone (its tokens per step over the step period at that
+   batch size). A τ ≈ 1 answer slowed to 7 tok/s beside wide verifies makes 16 alone here. A promised request too new to have a speed, or being prefilled in this very
    round, counts as exactly on target: anything less important that would stall it waits
    until its speed shows slack.
 
-Never held back: a request that has waited `max_defer_s` (no starvation; one such per round,
-so requests held together are not let go together into one long stall), a chunked prefill
-already under way, and everything when no prefill rate has been measured yet. Only the order
-of work changes, never a token: lossless by construction.
+No starvation: a request that has waited `max_defer_s` is held only while it would break a
+running answer whose speed is measured (it goes with the next promise's prefill, or when an
+answer has slack), and after OVERDUE_HARD x max_defer_s it goes regardless. Overdue requests
+go one per decode step: SGLang runs prefill rounds back to back while requests wait, so "one
+per round" let several overdue prompts into one long stall. Never held back: a chunked
+prefill already under way (SGLang fills the rest of its chunks from the waiting queue, so it
+is shown only what may go), and everything when no prefill rate has been measured yet. Only
+the order of work changes, never a token: lossless by construction.
 
 On by default (profile `prefill_max_defer_s: 10`; 0 turns it off). A/B at 8 clients on agent
 turns, 20 interactive requests per system, each pair in one run (docs/bench-cpu/):
@@ -50,6 +59,8 @@ from sglang_ext import worker_metrics
 from sglang_ext.load_report import PRIOR_SLOPE
 from sglang_ext.tier_policy import TierPolicy, request_tags
 
+OVERDUE_HARD = 3.0  # x max_defer_s: past this a held request goes whatever it stalls
+
 
 def uncached_tokens(req: Any) -> int:
     """Prompt tokens a prefill of `req` computes: what the radix cache does not already hold."""
@@ -61,12 +72,21 @@ def uncached_tokens(req: Any) -> int:
 class PrefillPacer:
     def __init__(self, policy: TierPolicy, max_defer_s: float = 10.0, margin: float = 0.1,
                  clock: Callable[[], float] = time.monotonic,
-                 periods: Optional[Callable[[], dict[int, float]]] = None) -> None:
+                 periods: Optional[Callable[[], dict[int, float]]] = None,
+                 tau: Optional[Callable[[str], Optional[float]]] = None,
+                 plain_periods: Optional[Callable[[], dict[int, float]]] = None) -> None:
         self.policy, self.max_defer_s, self.margin, self.clock = policy, max_defer_s, margin, clock
-        self.periods = periods or (lambda: {})  # measured decode step period per batch size
+        self.periods = periods or (lambda: {})  # measured decode step period per batch size (no prefills)
+        self.tau = tau or (lambda rid: None)  # a running request's tokens per step so far
+        self.plain_periods = plain_periods or (lambda: {})  # the same for steps verifying no drafts
         self.rate: Optional[float] = None  # prefill tokens per second (EMA of measured extends)
         self._waiting_since: dict[str, float] = {}
         self.deferred = 0  # rounds with a request held back (metrics, tests)
+        self.steps = 0  # decode steps so far (the worker counts them)
+        self._overdue_step = -1  # the decode step an overdue request last went before
+
+    def decode_step(self) -> None:
+        self.steps += 1
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -88,9 +108,22 @@ class PrefillPacer:
             return max(1.0, p[b] / p[small])
         return (1 + PRIOR_SLOPE * (b - 1)) / (1 + PRIOR_SLOPE * (small - 1))
 
-    def _promises(self, running: Sequence[Any], now: float) -> list[tuple[int, float, float, float, float, bool]]:
+    def _period(self, b: int, plain: bool = False) -> Optional[float]:
+        """Step period at `b` running requests (`plain`: of steps verifying no drafts):
+        measured, else the nearest measured one scaled by the prior cost slope; None before
+        any is measured."""
+        p = self.plain_periods() if plain else self.periods()
+        if b in p:
+            return p[b]
+        if not p:
+            return None
+        near = min(p, key=lambda k: (abs(k - b), k))
+        return p[near] * (1 + PRIOR_SLOPE * (b - 1)) / (1 + PRIOR_SLOPE * (near - 1))
+
+    def _promises(self, running: Sequence[Any], now: float) -> list[tuple[int, float, float, float, float, bool, bool, str]]:
         """Per running promised request that holding back can save: (priority, need, tokens so
-        far + remaining, elapsed, remaining / speed at the current batch size, speed measured)."""
+        far + remaining, elapsed, remaining / speed at the current batch size, speed measured,
+        prefilled this round, rid)."""
         out = []
         prios = [self._priority(r) for r in running]
         for r, p in zip(running, prios):
@@ -104,15 +137,27 @@ class PrefillPacer:
             got = self.policy.achieved(r.rid, n, now)
             st = self.policy._start.get(r.rid)
             if got is None or st is None:
-                out.append((p, need, 1.0, 1.0 / need, 0.0, False))  # new: exactly on target
+                out.append((p, need, 1.0, 1.0 / need, 0.0, False, False, r.rid))  # new: exactly on target
                 continue
             t0, n0 = st
             done, elapsed = n - n0, now - t0
-            keep = sum(1 for q in prios if q <= p)  # what runs on when less important work drains
-            best = got * self._slowdown(len(running), keep)
+            # what runs on once less important work drains and its own tier's other answers end
+            # (answers are short; a same-tier request waits for this one): the more important ones
+            keep = 1 + sum(1 for q in prios if q < p)
+            tau, at_now, at_keep = self.tau(r.rid), self._period(len(running)), self._period(keep)
+            if tau is not None and at_now and at_keep:
+                # from here on: its tokens per step over the step period, stalls added apart
+                # (its speed so far carries the stalls it already had). Alone (with the more
+                # important ones) at least plain decoding's speed, which a request whose drafts
+                # do not pay gets: the mean step includes wide verifies of requests whose drafts do
+                plain = self._period(keep, True)
+                ahead, best = tau / at_now, max(tau / at_keep, 1 / plain if plain else 0.0)
+            else:
+                ahead = got
+                best = got * self._slowdown(len(running), keep)
             if (done + remaining) / (elapsed + remaining / max(best, 1e-6)) < float(info.target):
-                continue  # misses its target even alone with its peers: holding others back does not save it
-            out.append((p, need, done + remaining, elapsed, remaining / max(got, 1e-6), True))
+                continue  # misses its target even alone: holding others back does not save it
+            out.append((p, need, done + remaining, elapsed, remaining / max(ahead, 1e-6), True, False, r.rid))
         return out
 
     def _promised(self, req: Any) -> bool:
@@ -120,9 +165,11 @@ class PrefillPacer:
         return info is not None and bool(info.target)
 
     def plan(self, running: Sequence[Any], waiting: Sequence[Any],
-             match: Optional[Callable[[Sequence[Any]], None]] = None) -> tuple[list[Any], list[Any]]:
+             match: Optional[Callable[[Sequence[Any]], None]] = None,
+             ongoing: Optional[Any] = None) -> tuple[list[Any], list[Any]]:
         """(requests SGLang may prefill this round, in order; requests held back). `match`
-        refreshes the waiting requests' radix-cache hits, called only when a stall matters."""
+        refreshes the waiting requests' radix-cache hits, called only when a stall matters;
+        `ongoing`: a chunked prefill under way (it continues this round whatever the plan)."""
         ordered = self.order(waiting)
         if self.max_defer_s <= 0 or not ordered or self.rate is None:
             return ordered, []
@@ -132,6 +179,9 @@ class PrefillPacer:
         for r in ordered:
             self._waiting_since.setdefault(r.rid, now)
         promises = self._promises(running, now)
+        if ongoing is not None and self._promised(ongoing):  # being prefilled: a promise too
+            need = (1 + self.margin) * float(self.policy.tiers[request_tags(ongoing)[1]].target)
+            promises.append((self._priority(ongoing), need, 1.0, 1.0 / need, 0.0, False, True, ongoing.rid))
         if not promises and not any(self._promised(r) for r in ordered):
             return ordered, []  # no promise running or waiting: nothing a stall could break
         if match is not None:
@@ -139,29 +189,43 @@ class PrefillPacer:
         go: list[Any] = []
         held: list[Any] = []
         stall = 0.0
-        overdue = False  # one request per round goes for having waited: no burst of them
+        overdue_ok = self.steps != self._overdue_step  # one overdue request per decode step
+        trace = [] if worker_metrics.tracing() else None
         for r in ordered:
             p = self._priority(r)
             cost = uncached_tokens(r) / self.rate
-            waited = now - self._waiting_since[r.rid] >= self.max_defer_s
+            waited = now - self._waiting_since[r.rid]
             # the rest of each answer runs at the batch size this round leaves: every request let
             # in decodes alongside it from now on (step period at B over that at the B now)
             slow = self._slowdown(len(running) + len(go) + 1, max(1, len(running)))
-            # a same-tier request waits only for a promise whose speed is known: two of a tier
+            # a same-tier request does not wait for one prefilled in this round: two of a tier
             # arriving together are prefilled together, not one into the other's first steps
-            breaks = any((q < p or (q == p and measured)) and total / (elapsed + rest * slow + stall + cost) < need
-                         for q, need, total, elapsed, rest, measured in promises)
-            if breaks and (overdue or not waited):
+            broken = [measured for q, need, total, elapsed, rest, measured, now_in, _ in promises
+                      if (q < p or (q == p and not now_in))
+                      and total / (elapsed + rest * slow + stall + cost) < need]
+            overdue = waited >= self.max_defer_s
+            if broken and overdue and overdue_ok and (waited >= OVERDUE_HARD * self.max_defer_s or not any(broken)):
+                overdue_ok = False  # it goes; the next overdue one after a decode step
+                self._overdue_step = self.steps
+            elif broken:
                 held.append(r)
+                if trace is not None:
+                    trace.append((r.rid, round(cost, 3), round(waited, 2), broken, "held"))
                 continue
-            overdue = overdue or breaks
+            if trace is not None:
+                trace.append((r.rid, round(cost, 3), round(waited, 2), broken, "go"))
             go.append(r)
             stall += cost
             if self._promised(r):  # prefilled now, decoding next: a promise too
                 need = (1 + self.margin) * float(self.policy.tiers[request_tags(r)[1]].target)
-                promises.append((p, need, 1.0, 1.0 / need - stall, 0.0, False))  # only later stalls count
+                promises.append((p, need, 1.0, 1.0 / need - stall, 0.0, False, True, r.rid))  # only later stalls count
         if held:
             self.deferred += 1
+        if trace is not None:
+            worker_metrics.trace_event("pace", {
+                "step": self.steps, "running": [r.rid for r in running],
+                "promises": [[round(x, 3) if isinstance(x, float) else x for x in q] for q in promises],
+                "waiting": trace})
         return go, held
 
 
@@ -182,19 +246,22 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
 
 def around_prefill(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     pacer = getattr(getattr(scheduler, "draft_worker", None), "pacer", None)
-    if pacer is None or getattr(scheduler, "chunked_req", None) is not None or not scheduler.waiting_queue:
+    if pacer is None or not scheduler.waiting_queue:
         return original(scheduler, *args, **kwargs)
     running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+    chunked = getattr(scheduler, "chunked_req", None)
     queue = list(scheduler.waiting_queue)
     try:
         go, held = pacer.plan(running_batch.reqs if running_batch is not None else [], queue,
-                              match=lambda reqs: match_prefixes(scheduler, reqs))
+                              match=lambda reqs: match_prefixes(scheduler, reqs), ongoing=chunked)
     except Exception:  # pacing is an aid: never let it stop scheduling
         return original(scheduler, *args, **kwargs)
     if held:
         worker_metrics.prefill_held([request_tags(r)[1] for r in held])
-    if not go:
+    if not go and chunked is None:
         return None, running_batch
+    # A chunked prefill under way continues with only what may go beside it: SGLang fills
+    # the rest of the chunk from the waiting queue, held requests included if they were there.
     scheduler.waiting_queue = go
     try:
         return original(scheduler, *args, **kwargs)

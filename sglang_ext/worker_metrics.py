@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -128,6 +129,19 @@ def observe_step(stats: Any) -> None:
         m["phase"].labels(phase="verify").observe(stats.verify_s)
     except Exception as e:  # pragma: no cover
         log.debug("metric update failed: %s", e)
+
+
+def trace_event(kind: str, fields: dict) -> None:
+    """A non-step line in the step trace (e.g. a prefill pacing decision), marked by `kind`."""
+    global _trace_path
+    if not _trace_path:
+        return
+    try:
+        with open(_trace_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "t": time.time(), **fields}, default=float) + "\n")
+    except OSError as e:
+        log.warning("step trace to %s disabled: %s", _trace_path, e)
+        _trace_path = None
 
 
 def tracing() -> bool:

@@ -42,6 +42,27 @@ def test_publisher_measures_period_per_batch_and_tau_per_tier(tmp_path) -> None:
     assert m.period(2) == pytest.approx(0.04 * (0.03 + 0.03 / 7) / 0.03)
 
 
+def test_publisher_keeps_the_step_period_without_prefills_and_each_requests_tau() -> None:
+    clk = Clock()
+    pub = LoadPublisher(None, ema=1.0, clock=clk)
+    pub.observe(["a", "b"], ["i", "s"], [1, 1], dict)
+    assert pub.request_tau("a") is None  # one step: not yet
+    for stall in (0.0, 1.0, 0.0):  # 0.1 s steps, one with a 1 s prefill before it
+        clk.t += 0.1 + stall
+        pub.observe(["a", "b"], ["i", "s"], [3, 1], dict, stall_s=stall)
+    assert pub.period[2] == pytest.approx(0.1) and pub.step_periods() == {2: pytest.approx(0.1)}
+    clk.t += 1.1
+    pub.observe(["a", "b"], ["i", "s"], [3, 1], dict, stall_s=1.0)
+    assert pub.measured_periods()[2] == pytest.approx(1.1)  # what the streams waited
+    assert pub.step_periods()[2] == pytest.approx(0.1)  # what a step costs
+    assert pub.request_tau("a") == pytest.approx(13 / 5) and pub.request_tau("b") == pytest.approx(1.0)
+    assert pub.plain_periods() == {}
+    for _ in range(3):  # steps verifying no drafts: cheaper
+        clk.t += 0.06
+        pub.observe(["a", "b"], ["i", "s"], [1, 1], dict, plain=True)
+    assert pub.plain_periods() == {2: pytest.approx(0.06)} and pub.step_periods()[2] == pytest.approx(0.06)
+
+
 def test_prediction_plans_with_the_slowest_running_request_of_a_tier(tmp_path) -> None:
     clk = Clock()
     path = tmp_path / "load.json"

@@ -93,9 +93,11 @@ def test_promised_tiers_go_first_and_hold_less_important_work_in_the_same_round(
     # does not hold back the next of its tier, only less important work
     go, held = pacer.plan([], [req("j1", "interactive", 400), req("b", "batch", 10), req("j2", "interactive", 400)])
     assert rids(go) == ["j1", "j2"] and rids(held) == ["b"]
+    # one already decoding, even without a speed yet, holds the next of its tier back: its
+    # answer first, then the other's (interleaved, both would stall)
     fresh = req("k", "interactive", 50, out=1)
     go, held = pacer.plan([fresh], [req("j3", "interactive", 400), req("s", "standard", 10)])
-    assert rids(go) == ["j3"] and rids(held) == ["s"]
+    assert go == [] and rids(held) == ["j3", "s"]
     # a running request of a tier without a target holds nothing back (nor is the cache matched)
     matched: list[list[str]] = []
     go, held = pacer.plan([req("x", "batch", 10, out=5)], [req("b", "batch", 400)], match=lambda rs: matched.append(rids(rs)))
@@ -138,7 +140,7 @@ def test_only_a_promise_that_waiting_can_save_holds_others() -> None:
 
 
 def test_nothing_waits_longer_than_max_defer() -> None:
-    pacer, clk, _ = setup(defer_s=5.0)
+    pacer, clk, inter = setup(defer_s=5.0)
     pacer.observe_prefill(200, 1.0)
     fresh = req("k", "interactive", 50, out=1)  # no speed yet: counts as exactly on target
     waiting = [req("b", "batch", 400)]
@@ -149,9 +151,40 @@ def test_nothing_waits_longer_than_max_defer() -> None:
     assert rids(pacer.plan([fresh], waiting)[0]) == ["b"]  # waited max_defer_s: it goes now
     late = [req(f"l{k}", "batch", 400) for k in range(3)]
     assert pacer.plan([fresh], late)[1]
-    clk.t += 5.0  # all three overdue: one goes per round, not all three into one long stall
+    clk.t += 5.0  # all three overdue: one goes per decode step, not all three into one long stall
+    assert pacer.plan([fresh], late)[1] == late  # "b" went before this decode step
+    pacer.decode_step()
     go, held = pacer.plan([fresh], late)
     assert rids(go) == ["l0"] and rids(held) == ["l1", "l2"]
+    # SGLang runs prefill rounds back to back: the next overdue one waits for a decode step
+    assert pacer.plan([fresh], late[1:])[0] == []
+    pacer.decode_step()
+    assert rids(pacer.plan([fresh], late[1:])[0]) == ["l1"]
+
+
+def test_overdue_requests_wait_for_a_measured_answer_up_to_the_hard_limit() -> None:
+    pacer, clk, inter = setup(defer_s=5.0)
+    pacer.observe_prefill(200, 1.0)
+
+    def answering() -> SimpleNamespace:  # a measured answer: 15 tok/s for 1 s, 45 tokens left
+        pacer.policy._start["i"] = (clk.t - 1.0, 4)
+        return inter
+
+    b = req("b", "batch", 400)  # a 2 s stall: the answer would fall to 10 tok/s
+    assert pacer.plan([answering()], [b])[1] == [b]
+    clk.t += 5.0  # overdue, but it would break a measured answer: still held
+    pacer.decode_step()
+    assert pacer.plan([answering()], [b])[1] == [b]
+    # with the next promise's prefill (no speed yet; the stall comes before its first decode
+    # step) it goes
+    go, held = pacer.plan([], [req("j", "interactive", 50), b])
+    assert rids(go) == ["j", "b"] and held == []
+    clk.t += 9.9  # 14.9 s < 3 x 5 s: held for a measured answer
+    pacer.decode_step()
+    assert pacer.plan([answering()], [b])[1] == [b]
+    clk.t += 0.1  # 15 s: it goes whatever it stalls
+    pacer.decode_step()
+    assert rids(pacer.plan([answering()], [b])[0]) == ["b"]
 
 
 def test_hook_shows_sglang_what_may_go_and_keeps_what_is_held() -> None:
@@ -172,13 +205,21 @@ def test_hook_shows_sglang_what_may_go_and_keeps_what_is_held() -> None:
     sched.waiting_queue = [req("b", "batch", 400), req("c", "batch", 10), req("d", "batch", 10)]
     assert around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch) == ("prefill", batch)
     assert seen[-1] == ["c", "d"] and rids(sched.waiting_queue) == ["d", "b"]
-    sched.chunked_req = object()  # a chunked prefill under way always continues, queue untouched
+    # a chunked prefill under way always continues; SGLang fills its chunk only with what may go
+    sched.chunked_req = req("ch", "batch", 2000)
     around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch)
-    assert seen[-1] == ["d", "b"]
+    assert seen[-1] == ["d"] and rids(sched.waiting_queue) == ["b"]
+    assert around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch) == ("prefill", batch)
+    assert seen[-1] == [] and rids(sched.waiting_queue) == ["b"]  # all held, the chunk goes on alone
+    # a promised request in the chunk: what would delay its first steps waits
+    sched.chunked_req, batch.reqs = req("cj", "interactive", 2000), []
+    sched.waiting_queue = [req("e", "batch", 10)]
+    around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch)
+    assert seen[-1] == [] and rids(sched.waiting_queue) == ["e"]
     sched.chunked_req, sched.draft_worker = None, SimpleNamespace(pacer=None)  # plain servers
     sched.waiting_queue = [req("b", "batch", 400), req("j", "interactive", 10)]
     around_prefill(original, sched, prefill_delayer_single_pass=None, running_batch=batch)
-    assert seen[-1] == ["b", "j"] and len(seen) == 3  # SGLang's own order
+    assert seen[-1] == ["b", "j"] and len(seen) == 5  # SGLang's own order
 
 
 def test_a_failing_plan_falls_back_to_sglang() -> None:
@@ -190,3 +231,58 @@ def test_a_failing_plan_falls_back_to_sglang() -> None:
     out = around_prefill(lambda s, *a, **k: ("prefill", k["running_batch"]), sched,
                          prefill_delayer_single_pass=None, running_batch=SimpleNamespace(reqs=[inter]))
     assert out[0] == "prefill" and rids(sched.waiting_queue) == ["b"]
+
+
+def test_a_promise_slowed_by_its_own_tier_is_held_for() -> None:
+    # x: 8 tok/s at B = 2 beside a fast answer of its tier, 36 tokens left; a step at B = 1 takes
+    # half as long (measured), so alone it would make 16: (8 + 36) / (1 + 36 / 16) = 13.5 >= 12
+    pacer, clk, _ = setup(periods={1: 0.07, 2: 0.14, 3: 0.14})
+    pacer.observe_prefill(200, 1.0)
+    x, y = req("x", "interactive", 50, max_new=48), req("y", "interactive", 50, max_new=48)
+    pacer.policy._start.update({"x": (clk.t - 1.0, 4), "y": (clk.t - 1.0, 4)})
+    x.output_ids, y.output_ids = [2] * 12, [2] * 44  # y: 40 tok/s, 4 tokens left
+    # a 0.1 s prefill: y keeps its slack, x (44 / (1 + 4.5 + 0.1) = 7.9) would fall further behind
+    go, held = pacer.plan([x, y], [req("c", "batch", 20)])
+    assert go == [] and rids(held) == ["c"]
+    # 4 tok/s, 40 tokens left: (4 + 40) / (1 + 40 / 8) = 7.3 even alone: nothing waits for x
+    x.output_ids = [2] * 8
+    assert rids(pacer.plan([x, y], [req("c", "batch", 20)])[0]) == ["c"]
+
+
+def test_tokens_per_step_tell_what_a_request_makes_alone() -> None:
+    # x: 5 tok/s so far at B = 3 (it was stalled), 1.1 tokens per step; a step takes 0.06 s at
+    # B = 1 and 0.15 s at B = 3 (prefills left out). Alone it makes 1.1 / 0.06 = 18.3 tok/s:
+    # (5 + 39) / (1 + 39 / 18.3) = 14.1 >= 12, so it is held for; from its speed so far
+    # (5 x 0.15 / 0.06 = 12.5: 44 / (1 + 39 / 12.5) = 10.7) it would look lost
+    periods = {1: 0.06, 3: 0.15}
+    clk = Clock()
+    pol = TierPolicy(dict(TIERS), clock=clk)
+    taus = {"x": 1.1}
+    pacer = PrefillPacer(pol, max_defer_s=10.0, margin=0.1, clock=clk, periods=lambda: periods, tau=taus.get)
+    pacer.observe_prefill(200, 1.0)
+    x = req("x", "interactive", 50, out=9, max_new=48)
+    pol._start["x"] = (clk.t - 1.0, 4)
+    running = [x, req("b1", "batch", 10, out=3), req("b2", "batch", 10, out=3)]
+    go, held = pacer.plan(running, [req("c", "batch", 20)])
+    assert go == [] and rids(held) == ["c"]
+    taus.clear()  # no tokens per step known: its speed so far decides
+    assert rids(pacer.plan(running, [req("c", "batch", 20)])[0]) == ["c"]
+
+
+def test_a_request_whose_drafts_do_not_pay_gets_plain_decodings_speed_alone() -> None:
+    # x: 1.0 token per step, 8.3 tok/s so far at B = 2 beside wide verifies, 28 tokens left. The
+    # mean step at B = 1 (mostly wide verifies) takes 0.1 s: 10 tok/s, lost; but a plain step at
+    # B = 1 takes 0.055 s: 18 tok/s, (10 + 28) / (1.2 + 28 / 18) = 13.8 >= 12, so it is held for
+    clk = Clock()
+    pol = TierPolicy(dict(TIERS), clock=clk)
+    plain: dict[int, float] = {}
+    pacer = PrefillPacer(pol, max_defer_s=10.0, margin=0.1, clock=clk, periods=lambda: {1: 0.1, 2: 0.12},
+                         tau={"x": 1.0}.get, plain_periods=lambda: plain)
+    pacer.observe_prefill(200, 1.0)
+    x = req("x", "interactive", 50, out=14, max_new=42)
+    pol._start["x"] = (clk.t - 1.2, 4)
+    running = [x, req("b1", "batch", 10, out=3)]
+    assert rids(pacer.plan(running, [req("c", "batch", 20)])[0]) == ["c"]  # looks lost
+    plain[1] = 0.055
+    go, held = pacer.plan(running, [req("c", "batch", 20)])
+    assert go == [] and rids(held) == ["c"]
