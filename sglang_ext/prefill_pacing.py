@@ -33,9 +33,10 @@ speed in every step and still miss it over the request. Before SGLang builds a p
    round, counts as exactly on target: anything less important that would stall it waits
    until its speed shows slack.
 
-No starvation: a request that has waited `max_defer_s` is held only while it would break a
-running answer whose speed is measured (it goes with the next promise's prefill, or when an
-answer has slack), and after OVERDUE_HARD x max_defer_s it goes regardless. Overdue requests
+No starvation: a request that has waited `max_defer_s` is held only while it would break an
+answer already decoding (it goes with the next promise's prefill, where the stall lands in
+that request's time to first token, or when the answers have slack), and after OVERDUE_HARD x
+max_defer_s it goes regardless. Overdue requests
 go one per decode step: SGLang runs prefill rounds back to back while requests wait, so "one
 per round" let several overdue prompts into one long stall. Never held back: a chunked
 prefill already under way (SGLang fills the rest of its chunks from the waiting queue, so it
@@ -200,7 +201,9 @@ class PrefillPacer:
             slow = self._slowdown(len(running) + len(go) + 1, max(1, len(running)))
             # a same-tier request does not wait for one prefilled in this round: two of a tier
             # arriving together are prefilled together, not one into the other's first steps
-            broken = [measured for q, need, total, elapsed, rest, measured, now_in, _ in promises
+            # (per promise it would break: is it decoding already, rather than prefilled in this
+            # round, where the stall lands in its time to first token)
+            broken = [not now_in for q, need, total, elapsed, rest, measured, now_in, _ in promises
                       if (q < p or (q == p and not now_in))
                       and total / (elapsed + rest * slow + stall + cost) < need]
             overdue = waited >= self.max_defer_s

@@ -139,24 +139,26 @@ def test_only_a_promise_that_waiting_can_save_holds_others() -> None:
     assert go == [] and rids(held) == ["b"]
 
 
-def test_nothing_waits_longer_than_max_defer() -> None:
+def test_nothing_waits_longer_than_three_times_max_defer() -> None:
     pacer, clk, inter = setup(defer_s=5.0)
     pacer.observe_prefill(200, 1.0)
-    fresh = req("k", "interactive", 50, out=1)  # no speed yet: counts as exactly on target
+    fresh = req("k", "interactive", 50, out=1)  # decoding, no speed yet: counts as exactly on target
     waiting = [req("b", "batch", 400)]
     assert pacer.plan([fresh], waiting)[1]
-    clk.t += 4.9
+    clk.t += 5.0  # overdue, but it would stall an answer already decoding
+    assert pacer.plan([fresh], waiting)[1]
+    clk.t += 9.9
     assert pacer.plan([fresh], waiting)[1]
     clk.t += 0.1
-    assert rids(pacer.plan([fresh], waiting)[0]) == ["b"]  # waited max_defer_s: it goes now
+    assert rids(pacer.plan([fresh], waiting)[0]) == ["b"]  # waited 3 x max_defer_s: it goes now
     late = [req(f"l{k}", "batch", 400) for k in range(3)]
     assert pacer.plan([fresh], late)[1]
-    clk.t += 5.0  # all three overdue: one goes per decode step, not all three into one long stall
+    clk.t += 15.0  # all three past the limit: one goes per decode step, not all three into one stall
     assert pacer.plan([fresh], late)[1] == late  # "b" went before this decode step
     pacer.decode_step()
     go, held = pacer.plan([fresh], late)
     assert rids(go) == ["l0"] and rids(held) == ["l1", "l2"]
-    # SGLang runs prefill rounds back to back: the next overdue one waits for a decode step
+    # SGLang runs prefill rounds back to back: the next one waits for a decode step
     assert pacer.plan([fresh], late[1:])[0] == []
     pacer.decode_step()
     assert rids(pacer.plan([fresh], late[1:])[0]) == ["l1"]
@@ -172,14 +174,14 @@ def test_overdue_requests_wait_for_a_measured_answer_up_to_the_hard_limit() -> N
 
     b = req("b", "batch", 400)  # a 2 s stall: the answer would fall to 10 tok/s
     assert pacer.plan([answering()], [b])[1] == [b]
-    clk.t += 5.0  # overdue, but it would break a measured answer: still held
+    clk.t += 5.0  # overdue, but it would break an answer decoding: still held
     pacer.decode_step()
     assert pacer.plan([answering()], [b])[1] == [b]
     # with the next promise's prefill (no speed yet; the stall comes before its first decode
     # step) it goes
     go, held = pacer.plan([], [req("j", "interactive", 50), b])
     assert rids(go) == ["j", "b"] and held == []
-    clk.t += 9.9  # 14.9 s < 3 x 5 s: held for a measured answer
+    clk.t += 9.9  # 14.9 s < 3 x 5 s: held for an answer decoding
     pacer.decode_step()
     assert pacer.plan([answering()], [b])[1] == [b]
     clk.t += 0.1  # 15 s: it goes whatever it stalls
