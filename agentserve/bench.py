@@ -336,6 +336,17 @@ def plot_spec(spec: list[dict], out: Path, machine: str) -> list[Path]:
     return paths
 
 
+def positive_int(value: str) -> int:
+    """argparse type for counts and token limits: argparse names the flag in its error."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {value!r})")
+    return n
+
+
 def parse_list(ap: argparse.ArgumentParser, flag: str, value: str, kind: type) -> list:
     """A comma list flag, or a usage error naming the flag (never a traceback)."""
     try:
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", default="0", help="comma list, e.g. 0,1 (each system runs every temperature)")
     ap.add_argument("--domains", default="code,math,chat,agent", help="comma list of code, math, chat, agent")
-    ap.add_argument("--max-agent-prompt", type=int, default=None,
+    ap.add_argument("--max-agent-prompt", type=positive_int, default=None,
                     help="cut agent traces before the last assistant turn starting within N tokens (default: last turn)")
     ap.add_argument("--quick", action="store_true",
                     help="2 prompts per domain, 32 tokens, concurrency 1,4, agent prompts <= 1024 tokens unless given")

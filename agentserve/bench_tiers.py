@@ -39,7 +39,7 @@ from pathlib import Path
 import requests
 from pydantic import ValidationError
 
-from agentserve.bench import REPO, SYSTEMS, load_prompts, parse_list, save_figure, scrape, spec_delta
+from agentserve.bench import REPO, SYSTEMS, load_prompts, parse_list, positive_int, save_figure, scrape, spec_delta
 from agentserve.procs import ServerProcess
 from agentserve.profile import Profile, Tier, load_profile
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--domain", default="code", choices=["code", "math", "chat", "agent"],
                     help="prompt set (agent traces are 1-3.5k tokens: slow to prefill on a CPU)")
-    ap.add_argument("--max-agent-prompt", type=int, default=768,
+    ap.add_argument("--max-agent-prompt", type=positive_int, default=768,
                     help="agent domain: cut each trace before the last assistant turn starting within this many tokens")
     ap.add_argument("--quick", action="store_true", help="levels 1,4 and 1 request per client")
     ap.add_argument("--out", default="bench_out/tiers")

@@ -139,10 +139,12 @@ class Profile(_Strict):
     # next turn follows after its tool call); 0 = off (default: measured no gain, admission.py)
     admission_return_s: float = Field(default=0.0, ge=0, description="seconds a finished promised request's place is kept")
     # Prefill pacing (agentspark, tier_aware scheduler): the waiting queue is prefilled most
-    # important tier first, and a prefill waits, at most this many seconds, while its stall and
-    # the larger batch after it would put a running promised request below its target;
-    # 0 = off. sglang_ext/prefill_pacing.py
-    prefill_max_defer_s: float = Field(default=10.0, ge=0, description="longest a prefill is held back for a promise (0: off)")
+    # important tier first, and a prefill waits while its stall and the larger batch after it
+    # would put a running promised request below its target: after this many seconds only for
+    # an answer already decoding, after 3x not at all; 0 = off. sglang_ext/prefill_pacing.py
+    prefill_max_defer_s: float = Field(
+        default=10.0, ge=0,
+        description="seconds after which a held prefill waits only for an answer already decoding; 3x this at most (0: off)")
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:

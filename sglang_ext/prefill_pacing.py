@@ -29,9 +29,10 @@ speed in every step and still miss it over the request. Before SGLang builds a p
    target (the target itself, not target + margin: a τ ≈ 1 answer making 12.5 tok/s alone
    keeps a 12 tok/s promise) at the speed it would get once the less important requests and
    the other answers of its tier are gone (its tokens per step over the step period at that
-   batch size). A τ ≈ 1 answer slowed to 7 tok/s beside wide verifies makes 16 alone here. A promised request too new to have a speed, or being prefilled in this very
-   round, counts as exactly on target: anything less important that would stall it waits
-   until its speed shows slack.
+   batch size, and at least plain decoding's: a τ ≈ 1 answer slowed to 7 tok/s beside wide
+   verifies makes 16 alone here). A promised request too new to have a speed, or being
+   prefilled in this very round, counts as exactly on target: anything less important that
+   would stall it waits until its speed shows slack.
 
 No starvation: a request that has waited `max_defer_s` is held only while it would break an
 answer already decoding (it goes with the next promise's prefill, where the stall lands in

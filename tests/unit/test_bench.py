@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from agentserve import bench, bench_tiers
 from agentserve.bench import phase_slices, prompts_needed
 
 
@@ -16,3 +19,11 @@ def test_phases_get_disjoint_prompts() -> None:
         assert not set(idx) & set(used)
         used += idx
     assert prompts_needed(temps, concs, 2) == len(used) == 2 * (2 + 4 + 8)
+
+
+def test_bench_flags_reject_non_positive_token_limits(capsys) -> None:
+    for main in (bench.main, bench_tiers.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--max-agent-prompt", "0"])
+        assert e.value.code == 2
+        assert "--max-agent-prompt" in capsys.readouterr().err

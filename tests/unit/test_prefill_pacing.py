@@ -4,6 +4,7 @@ max_defer_s; SGLang sees the requests that may go, and the held ones come back a
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from sglang_ext.prefill_pacing import PrefillPacer, around_prefill, uncached_tokens
@@ -288,3 +289,17 @@ def test_a_request_whose_drafts_do_not_pay_gets_plain_decodings_speed_alone() ->
     plain[1] = 0.055
     go, held = pacer.plan(running, [req("c", "batch", 20)])
     assert go == [] and rids(held) == ["c"]
+
+
+def test_with_a_step_trace_each_plan_writes_its_decisions(tmp_path, monkeypatch) -> None:
+    from sglang_ext import worker_metrics
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(worker_metrics, "_trace_path", str(path))
+    pacer, clk, inter = setup()
+    pacer.observe_prefill(200, 1.0)
+    pacer.plan([inter], [req("b", "batch", 400), req("c", "batch", 10)])
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert line["kind"] == "pace" and line["running"] == ["i"] and line["promises"][0][-1] == "i"
+    assert [(w[0], w[-1]) for w in line["waiting"]] == [("b", "held"), ("c", "go")]
+    assert line["waiting"][0][3] == [True]  # it would break the answer decoding
