@@ -46,7 +46,10 @@ the order of work changes, never a token: lossless by construction.
 
 On by default (profile `prefill_max_defer_s: 10`; 0 turns it off). A/B at 8 clients on agent
 turns, 20 interactive requests per system, each pair in one run (docs/bench-cpu/):
-  tiers-agent-pacing3 (this pacer)                 80 % vs 60 % interactive, 85 % vs 78 % standard, total +1 %
+  tiers-agent-pacing4 (this pacer)                 95 % vs 65 % interactive, 92 % vs 75 % standard, total -3 %
+  tiers-agent-pacing3 (overdue requests one per prefill round, into any answer after 10 s; same
+                       tier holds only for measured answers; chunks filled from the whole queue;
+                       future speed from speed so far)  80 % vs 60 %, 85 % vs 78 %, total +1 %
   tiers-agent-pacing2 (no target-only rescue)      70 % vs 65 %, 80 % vs 72 %, total +1 %
   tiers-agent-pacing  (same-tier holds for new promises, overdue requests all at once, no batch
                        slowdown in the prediction) 75 % vs 90 %, total +3 %
