@@ -86,7 +86,9 @@ HELP = """\
   tiers        attainment per interactivity tier (from /agentserve/v1/agents), and
                how many of the tier's running streams stood still for other
                requests' prefills, on average over the window
-               (agentserve:tier_prefill_stall_seconds_total)
+               (agentserve:tier_prefill_stall_seconds_total), and how many of its
+               waiting requests prefill pacing holds back for a promise now
+               (agentserve:tier_prefill_held_requests)
   agents       per-agent latency percentiles, tok/s, τ, copy share, tier
 
 Values the server does not export are shown as "n/a". When the server goes away the

@@ -178,6 +178,7 @@ class MetricsSnapshot:
     accepted_by_pos: dict[int, float] = field(default_factory=dict)
     fallbacks: dict[str, float] = field(default_factory=dict)          # by reason
     prefill_stall_s: dict[str, float] = field(default_factory=dict)    # by tier: request-seconds stalled
+    prefill_held: dict[str, float] = field(default_factory=dict)       # by tier: requests held back by pacing now
 
     @property
     def has_metrics(self) -> bool:
@@ -230,6 +231,7 @@ def snapshot_from_text(text: str, t: float | None = None) -> MetricsSnapshot:
         accepted_by_pos=_positions(_counter_by_label(s, "agentserve:spec_accepted_drafts", "position")),
         fallbacks=_counter_by_label(s, "agentserve:drafter_fallback", "reason"),
         prefill_stall_s=_counter_by_label(s, "agentserve:tier_prefill_stall_seconds", "tier"),
+        prefill_held=_by_label(s, "agentserve:tier_prefill_held_requests", "tier"),
     )
 
 
@@ -369,6 +371,8 @@ class Window:
     # per tier: running streams standing still for other requests' prefills, on average over
     # the window (request-seconds stalled per second)
     stalled_streams: dict[str, float] = field(default_factory=dict)
+    # per tier: waiting requests prefill pacing holds back at the last poll (a gauge)
+    held: dict[str, float] = field(default_factory=dict)
 
 
 def _rate(cur: float | None, prev: float | None, dt: float | None) -> float | None:
@@ -406,6 +410,7 @@ def window(prev: MetricsSnapshot | None, cur: MetricsSnapshot) -> Window:
         w.ttft_p50, w.ttft_p95 = ttft.quantile(0.5), ttft.quantile(0.95)
     if itl:
         w.itl_p50, w.itl_p95 = itl.quantile(0.5), itl.quantile(0.95)
+    w.held = {tier: n for tier, n in cur.prefill_held.items() if n > 0}
     for tier, cur_s in cur.prefill_stall_s.items():
         r = _rate(cur_s, p.prefill_stall_s.get(tier, 0.0 if prev is not None else None), dt)
         if r is not None:

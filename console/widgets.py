@@ -201,6 +201,7 @@ class TiersPanel(Panel):
     def update_from(self, agents: AgentsSnapshot, win: Window | None = None) -> None:
         t = Text()
         stalled = win.stalled_streams if win is not None else {}
+        held = win.held if win is not None else {}
         if not agents.available:
             t.append(f"n/a — per-agent endpoint: {agents.note or 'unavailable'}", "dim")
         elif not agents.tiers:
@@ -215,6 +216,8 @@ class TiersPanel(Panel):
                 t.append(f"  admitted {fmt_i(tier.admitted)} queued {fmt_i(tier.queued)} refused {fmt_i(tier.refused)}")
                 if tier.name in stalled:  # streams of the tier standing still for others' prefills
                     t.append(f"  prefill-stalled {stalled[tier.name]:.1f}", "yellow" if stalled[tier.name] >= 0.5 else "dim")
+                if tier.name in held:  # waiting requests prefill pacing holds back for a promise
+                    t.append(f"  prefill-held {held[tier.name]:.0f}", "yellow")
                 t.append("\n")
         self.query_one("#tiers-text", Static).update(t)
 

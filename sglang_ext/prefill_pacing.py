@@ -254,6 +254,8 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
 def around_prefill(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     pacer = getattr(getattr(scheduler, "draft_worker", None), "pacer", None)
     if pacer is None or not scheduler.waiting_queue:
+        if pacer is not None:
+            worker_metrics.prefill_held([])  # nothing waits, so nothing is held
         return original(scheduler, *args, **kwargs)
     running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
     chunked = getattr(scheduler, "chunked_req", None)
@@ -263,8 +265,7 @@ def around_prefill(original: Callable[..., Any], scheduler: Any, *args: Any, **k
                               match=lambda reqs: match_prefixes(scheduler, reqs), ongoing=chunked)
     except Exception:  # pacing is an aid: never let it stop scheduling
         return original(scheduler, *args, **kwargs)
-    if held:
-        worker_metrics.prefill_held([request_tags(r)[1] for r in held])
+    worker_metrics.prefill_held([request_tags(r)[1] for r in held])
     if not go and chunked is None:
         return None, running_batch
     # A chunked prefill under way continues with only what may go beside it: SGLang fills

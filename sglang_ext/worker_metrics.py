@@ -23,7 +23,7 @@ def _metrics() -> dict[str, Any] | None:
     if _m is not None:
         return _m or None
     try:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         width_buckets = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 64]
         _m = {
@@ -51,6 +51,8 @@ def _metrics() -> dict[str, Any] | None:
             "mixed": Counter("agentserve:spec_mixed_steps_total", "Extend steps that also decoded the running requests (--enable-mixed-chunk)"),
             "stall": Counter("agentserve:tier_prefill_stall_seconds_total", "Request-seconds running requests of the tier waited on other requests' prefills between two decode steps", ["tier"]),
             "held": Counter("agentserve:tier_prefill_held_total", "Scheduling rounds a waiting request of the tier was held back by prefill pacing (its prefill would break a running promise)", ["tier"]),
+            "held_now": Gauge("agentserve:tier_prefill_held_requests", "Waiting requests of the tier held back by prefill pacing at the last scheduling round", ["tier"],
+                              multiprocess_mode="mostrecent"),
             "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
@@ -65,12 +67,22 @@ def fallback(reason: str) -> None:
         m["fallback"].labels(reason=reason).inc()
 
 
+_held_now: dict[str, int] = {}  # what the held-requests gauge shows, per tier
+
+
 def prefill_held(tiers: list[str]) -> None:
+    """A pacing round: the tier of each request it held back (none: every gauge to 0)."""
     m = _metrics()
     if m:
         try:
+            now: dict[str, int] = {}
             for t in tiers:
                 m["held"].labels(tier=t or "none").inc()
+                now[t or "none"] = now.get(t or "none", 0) + 1
+            for t in set(now) | {k for k, v in _held_now.items() if v}:
+                if _held_now.get(t) != now.get(t, 0):
+                    m["held_now"].labels(tier=t).set(now.get(t, 0))
+                    _held_now[t] = now.get(t, 0)
         except Exception as e:  # pragma: no cover
             log.debug("metric update failed: %s", e)
 

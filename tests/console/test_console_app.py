@@ -38,6 +38,7 @@ async def test_panels_table_sorting_drilldown_help(fake_server):
         import re
         m = re.search(r"prefill-stalled (\d+\.\d)", tiers)
         assert m and 0.3 <= float(m.group(1)) <= 5.0, tiers
+        assert "prefill-held 3" in tiers and tiers.count("prefill-held") == 1  # batch only
         assert "connected to" in widget_text(app, "#status")
         assert "• " in widget_text(app, "#scatter") or "•" in widget_text(app, "#scatter")
 

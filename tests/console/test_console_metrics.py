@@ -41,6 +41,8 @@ def test_window_rates_and_per_position_acceptance():
     # prefill stalls: (1.0 - 0.5) request-seconds in 2 s = 0.25 streams stalled on average
     assert w.stalled_streams == {"interactive": 0.25}
     assert window(None, b).stalled_streams == {}  # no rate without a previous poll
+    # requests held back by prefill pacing: a gauge, as of the last poll (tiers at 0 left out)
+    assert b.prefill_held == {"batch": 3.0, "interactive": 0.0} and w.held == {"batch": 3.0}
 
 
 def test_window_after_server_restart_does_not_go_negative():
