@@ -203,10 +203,10 @@ class PrefillPacer:
             # the rest of each answer runs at the batch size this round leaves: every request let
             # in decodes alongside it from now on (step period at B over that at the B now)
             slow = self._slowdown(len(running) + len(go) + 1, max(1, len(running)))
-            # a same-tier request does not wait for one prefilled in this round: two of a tier
-            # arriving together are prefilled together, not one into the other's first steps
-            # (per promise it would break: is it decoding already, rather than prefilled in this
-            # round, where the stall lands in its time to first token)
+            # Per promise this prefill would break: True if that answer is decoding already, False
+            # if it is prefilled in this round (the stall lands in its time to first token). A
+            # same-tier request does not wait for one prefilled in this round: two of a tier
+            # arriving together are prefilled together, not one into the other's first steps.
             broken = [not now_in for q, need, total, elapsed, rest, measured, now_in, _ in promises
                       if (q < p or (q == p and not now_in))
                       and total / (elapsed + rest * slow + stall + cost) < need]
