@@ -58,13 +58,32 @@ turns, 20 interactive requests per system, each pair in one run (docs/bench-cpu/
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from sglang_ext import worker_metrics
 from sglang_ext.load_report import PRIOR_SLOPE
 from sglang_ext.tier_policy import TierPolicy, request_tags
 
 OVERDUE_HARD = 3.0  # x max_defer_s: past this a held request goes whatever it stalls
+
+
+class Promise(NamedTuple):
+    """A promised answer a prefill could break: it keeps `need` tok/s while
+    total / (elapsed + rest x slowdown + stall) >= need."""
+
+    priority: int
+    need: float  # (1 + margin) x target
+    total: float  # tokens so far + remaining
+    elapsed: float
+    rest: float  # remaining / its speed at the current batch size
+    measured: bool  # its speed is known (else: counts as exactly on target)
+    now_in: bool  # prefilled in this round: a stall lands in its time to first token
+    rid: str
+
+    @classmethod
+    def fresh(cls, priority: int, need: float, rid: str, now_in: bool, stall: float = 0.0) -> Promise:
+        """No speed yet: exactly on target, so any later stall breaks it."""
+        return cls(priority, need, 1.0, 1.0 / need - stall, 0.0, False, now_in, rid)
 
 
 def uncached_tokens(req: Any) -> int:
@@ -125,10 +144,8 @@ class PrefillPacer:
         near = min(p, key=lambda k: (abs(k - b), k))
         return p[near] * (1 + PRIOR_SLOPE * (b - 1)) / (1 + PRIOR_SLOPE * (near - 1))
 
-    def _promises(self, running: Sequence[Any], now: float) -> list[tuple[int, float, float, float, float, bool, bool, str]]:
-        """Per running promised request that holding back can save: (priority, need, tokens so
-        far + remaining, elapsed, remaining / speed at the current batch size, speed measured,
-        prefilled this round, rid)."""
+    def _promises(self, running: Sequence[Any], now: float) -> list[Promise]:
+        """Each running promised request that holding back can save."""
         out = []
         prios = [self._priority(r) for r in running]
         for r, p in zip(running, prios):
@@ -142,7 +159,7 @@ class PrefillPacer:
             got = self.policy.achieved(r.rid, n, now)
             st = self.policy._start.get(r.rid)
             if got is None or st is None:
-                out.append((p, need, 1.0, 1.0 / need, 0.0, False, False, r.rid))  # new: exactly on target
+                out.append(Promise.fresh(p, need, r.rid, now_in=False))
                 continue
             t0, n0 = st
             done, elapsed = n - n0, now - t0
@@ -162,7 +179,7 @@ class PrefillPacer:
                 best = got * self._slowdown(len(running), keep)
             if (done + remaining) / (elapsed + remaining / max(best, 1e-6)) < float(info.target):
                 continue  # misses its target even alone: holding others back does not save it
-            out.append((p, need, done + remaining, elapsed, remaining / max(ahead, 1e-6), True, False, r.rid))
+            out.append(Promise(p, need, done + remaining, elapsed, remaining / max(ahead, 1e-6), True, False, r.rid))
         return out
 
     def _promised(self, req: Any) -> bool:
@@ -186,7 +203,7 @@ class PrefillPacer:
         promises = self._promises(running, now)
         if ongoing is not None and self._promised(ongoing):  # being prefilled: a promise too
             need = (1 + self.margin) * float(self.policy.tiers[request_tags(ongoing)[1]].target)
-            promises.append((self._priority(ongoing), need, 1.0, 1.0 / need, 0.0, False, True, ongoing.rid))
+            promises.append(Promise.fresh(self._priority(ongoing), need, ongoing.rid, now_in=True))
         if not promises and not any(self._promised(r) for r in ordered):
             return ordered, []  # no promise running or waiting: nothing a stall could break
         if match is not None:
@@ -207,9 +224,9 @@ class PrefillPacer:
             # if it is prefilled in this round (the stall lands in its time to first token). A
             # same-tier request does not wait for one prefilled in this round: two of a tier
             # arriving together are prefilled together, not one into the other's first steps.
-            broken = [not now_in for q, need, total, elapsed, rest, measured, now_in, _ in promises
-                      if (q < p or (q == p and not now_in))
-                      and total / (elapsed + rest * slow + stall + cost) < need]
+            broken = [not q.now_in for q in promises
+                      if (q.priority < p or (q.priority == p and not q.now_in))
+                      and q.total / (q.elapsed + q.rest * slow + stall + cost) < q.need]
             overdue = waited >= self.max_defer_s
             if broken and overdue and overdue_ok and (waited >= OVERDUE_HARD * self.max_defer_s or not any(broken)):
                 overdue_ok = False  # it goes; the next overdue one after a decode step
@@ -225,7 +242,7 @@ class PrefillPacer:
             stall += cost
             if self._promised(r):  # prefilled now, decoding next: a promise too
                 need = (1 + self.margin) * float(self.policy.tiers[request_tags(r)[1]].target)
-                promises.append((p, need, 1.0, 1.0 / need - stall, 0.0, False, True, r.rid))  # only later stalls count
+                promises.append(Promise.fresh(p, need, r.rid, now_in=True, stall=stall))  # only later stalls count
         if held:
             self.deferred += 1
         if trace is not None:

@@ -143,17 +143,22 @@ def observe_step(stats: Any) -> None:
         log.debug("metric update failed: %s", e)
 
 
-def trace_event(kind: str, fields: dict) -> None:
-    """A non-step line in the step trace (e.g. a prefill pacing decision), marked by `kind`."""
+def _trace_write(obj: dict) -> None:
     global _trace_path
     if not _trace_path:
         return
     try:
         with open(_trace_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": kind, "t": time.time(), **fields}, default=float) + "\n")
+            f.write(json.dumps(obj, default=float) + "\n")
     except OSError as e:
         log.warning("step trace to %s disabled: %s", _trace_path, e)
         _trace_path = None
+
+
+def trace_event(kind: str, fields: dict) -> None:
+    """A non-step line in the step trace (e.g. a prefill pacing decision), marked by `kind`."""
+    if _trace_path:
+        _trace_write({"kind": kind, "t": time.time(), **fields})
 
 
 def tracing() -> bool:
@@ -165,12 +170,5 @@ def trace_step(stats: Any) -> None:
     """AGENTSERVE_STEP_TRACE=FILE: one JSON line per speculative step (batch, width, verify
     lengths, sources, expected and accepted drafts, phase times), for reading why the worker
     chose what it chose. Off unless set; a write failure turns it off."""
-    global _trace_path
-    if not _trace_path or not is_dataclass(stats):
-        return
-    try:
-        with open(_trace_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(stats), default=float) + "\n")
-    except OSError as e:
-        log.warning("step trace to %s disabled: %s", _trace_path, e)
-        _trace_path = None
+    if _trace_path and is_dataclass(stats):
+        _trace_write(asdict(stats))
