@@ -107,7 +107,11 @@ def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, r
     r = requests.post(url + "/generate", headers={"x-agent-id": agent, "x-agent-tier": tier}, timeout=1800, json=body)
     wall = time.perf_counter() - t0
     if r.status_code in (429, 503):
-        return {"tier": tier, "status": r.status_code, "tokens": 0, "user_tps": None, "wall": wall}
+        try:  # the gate's error names the tier and why it held the request
+            reason = r.json()["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = r.text[:300]
+        return {"tier": tier, "status": r.status_code, "tokens": 0, "user_tps": None, "wall": wall, "reason": reason}
     r.raise_for_status()
     m = r.json()["meta_info"]
     n, e2e, ttft = int(m["completion_tokens"]), float(m["e2e_latency"]), float(m.get("first_token_latency") or 0)
@@ -126,6 +130,7 @@ def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per
         for j in range(per_client):
             ids = prompts[(k * per_client + j) % len(prompts)]
             out.append(one_request(url, f"client-{k}", tier, ids, max_new, rid=f"{tag}c{conc}-{k}-{j}" if tag else None))
+            out[-1]["end"] = time.perf_counter() - t0  # when it finished in the level (each tier's tail)
             if out[-1]["status"] != 200:
                 time.sleep(1.0)  # back off as a client told Retry-After would
         return out
@@ -189,7 +194,7 @@ def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, 
         row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
                                 "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None,
                                 "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed),
-                                **first_token(done)}
+                                **first_token(done), "done_at": max((r["end"] for r in rs if "end" in r), default=None)}
     row["requests"] = res  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
     return row
 
@@ -311,6 +316,16 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
                 cell = ("-" if v.get("ttft_mean") is None else f"{v['ttft_mean']:.1f} / {v['ttft_p95']:.1f}")
                 line += f" | {t.name[:11]:>11} {cell:>11}"
             print(line)
+    print("\nlast request of each tier done at, s into the level (a tier held back finishes in a tail "
+          "at a small batch, which total tok/s pays for); refusals: tier, status after s, the gate's reason")
+    for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
+        span = max((v.get("done_at") or 0.0) for v in r["tiers"].values())
+        print(f"{r['concurrency']:>4} {r['system']:{w}}"
+              + "".join(f" | {t.name[:11]:>11} {r['tiers'][t.name].get('done_at') or 0:6.0f}" for t in tiers)
+              + f" | of {span:.0f}")
+        for q in r.get("requests", []):
+            if q["status"] != 200:
+                print(f"     {q['tier']} {q['status']} after {q['wall']:.0f} s: {q.get('reason', '?')}")
     traced = [r for r in rows if any(v.get("stall_share") is not None for v in r["tiers"].values())]
     if traced:
         print("\nprefill stalls: share of a request's decode time its stream stood still while others were "

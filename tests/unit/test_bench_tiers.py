@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agentserve.bench import spec_delta
-from agentserve.bench_tiers import TIER_SYSTEMS, add_stalls, read_trace, summarize, tier_profile
+from agentserve.bench_tiers import TIER_SYSTEMS, add_stalls, print_table, read_trace, summarize, tier_profile
 from agentserve.launcher import build_plan
 from agentserve.profile import Tier, load_profile
 
@@ -29,18 +29,31 @@ def test_each_system_is_a_valid_profile(system: str) -> None:
 
 
 def test_summary_counts_attainment_and_refusals() -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0},
-           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0, "wall": 9.0, "decode_s": 6.0},
-           {"tier": "standard", "status": 429, "tokens": 0, "user_tps": None},
+    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0, "end": 5.0},
+           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0, "wall": 9.0, "decode_s": 6.0, "end": 9.5},
+           {"tier": "standard", "status": 429, "tokens": 0, "user_tps": None, "wall": 0.1, "end": 0.1,
+            "reason": "x-agent-tier: tier 'interactive' is below its target"},
            {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0}]
     row = summarize("tier_aware", 4, res, 10.0, {"budget_per_request": 2.5}, TIERS)
     assert row["total_tps"] == 10.0 and row["budget_per_request"] == 2.5
     assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0,
                                            "stall_share": None, "stall_share_met": None, "stall_share_missed": None,
-                                           "ttft_mean": 2.0, "ttft_p95": 3.0}  # waits of 1 s and 3 s
+                                           "ttft_mean": 2.0, "ttft_p95": 3.0, "done_at": 9.5}  # waits of 1 s and 3 s
     assert row["tiers"]["standard"]["refused"] == 1 and row["tiers"]["standard"]["attainment"] is None
     assert row["tiers"]["batch"]["attainment"] is None and row["tiers"]["batch"]["user_tps"] == 1.0
-    assert row["tiers"]["batch"]["ttft_mean"] is None  # no timings known
+    assert row["tiers"]["batch"]["ttft_mean"] is None and row["tiers"]["batch"]["done_at"] is None  # no timings known
+
+
+def test_table_shows_each_tiers_tail_and_why_requests_were_refused(capsys) -> None:
+    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0, "end": 5.0},
+           {"tier": "batch", "status": 503, "tokens": 0, "user_tps": None, "wall": 60.0, "end": 61.0,
+            "reason": "x-agent-tier: queued 60 s without capacity"},
+           {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0, "wall": 30.0, "decode_s": 29.0, "end": 91.0}]
+    print_table([summarize("tier_aware", 2, res, 91.0, {}, TIERS)], TIERS, "test machine")
+    out = capsys.readouterr().out
+    tail = next(line for line in out.splitlines() if line.startswith("   2 tier_aware") and "of 91" in line)
+    assert "interactive      5" in tail and "batch     91" in tail
+    assert "batch 503 after 60 s: x-agent-tier: queued 60 s without capacity" in out
 
 
 def test_spec_delta_conditional_acceptance() -> None:
