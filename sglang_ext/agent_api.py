@@ -210,6 +210,10 @@ def _json_response(status: int, payload: dict[str, Any], extra_headers: list[tup
     return start, {"type": "http.response.body", "body": body}
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _error(status: int, param: str, message: str) -> dict[str, Any]:
     kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError", 429: "RateLimitError",
             503: "ServiceUnavailableError"}.get(status, "Error")
@@ -401,21 +405,30 @@ class AgentMiddleware:
         t_end = time.perf_counter()
         streamed = chunks > 1
         tokens = None
+        meta: dict[str, Any] = {}
         if not streamed:
             try:
                 data = json.loads(body)
                 if isinstance(data, dict):  # a batch /generate answers a list: no one user's speed
-                    tokens = ((data.get("usage") or {}).get("completion_tokens")
-                              or (data.get("meta_info") or {}).get("completion_tokens"))
+                    meta = data.get("meta_info") or {}
+                    tokens = (data.get("usage") or {}).get("completion_tokens") or meta.get("completion_tokens")
             except (ValueError, AttributeError):
                 pass
         else:  # a speculative step may stream several tokens in one chunk: prefer the usage block
             tokens = _streamed_usage(tail)
         ttft = (first[0] - t0) if (streamed and first) else None
         n = (tokens or chunks) if streamed else tokens
-        if streamed and first and n and n > 2:
-            itl = (t_end - first[0]) / (n - 1)
-            tps = (n - 1) / (t_end - first[0])
+        decode_s = None  # seconds from the first token to the last, where known
+        if streamed and first:
+            decode_s = t_end - first[0]
+        elif _is_number(meta.get("e2e_latency")) and _is_number(meta.get("first_token_latency")):
+            # a whole answer at once: SGLang's own first-token time splits the wait (queue,
+            # prefill) from the decode, so a tier's speed means the same streamed or not
+            ttft = float(meta["first_token_latency"])
+            decode_s = float(meta["e2e_latency"]) - ttft
+        if decode_s is not None and decode_s > 0 and n and n > 2:
+            itl = decode_s / (n - 1)
+            tps = (n - 1) / decode_s
         elif n:
             itl = (t_end - t0) / n
             tps = n / (t_end - t0)

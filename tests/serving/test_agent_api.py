@@ -59,6 +59,27 @@ def test_multi_turn_reuses_cached_prefix_and_is_tracked_per_agent(plain_server) 
     assert 'agentserve:agent_requests_total{agent="planner-7",tier="standard"} 3.0' in text
 
 
+def test_a_whole_answer_is_timed_by_its_decode_like_a_streamed_one(plain_server) -> None:
+    """A non-streamed answer's tok/s (what tier attainment and the admission gate judge) leaves
+    out the wait for its first token, as SGLang's meta_info times it: a request held in a queue
+    is not a slow stream."""
+    r = requests.post(plain_server.url + "/generate", headers={"x-agent-id": "whole-answer-1"}, timeout=600,
+                      json={"text": "List three colours:", "sampling_params": {"temperature": 0, "max_new_tokens": 24,
+                                                                               "ignore_eos": True}})
+    r.raise_for_status()
+    m = r.json()["meta_info"]
+    want = (m["completion_tokens"] - 1) / (m["e2e_latency"] - m["first_token_latency"])
+    for _ in range(50):  # the handler records the request just after the answer reaches the client
+        rows = requests.get(plain_server.url + "/agentserve/v1/agents", timeout=30).json()["agents"]
+        row = next((a for a in rows if a["agent_id"] == "whole-answer-1"), None)
+        if row is not None and row["running"] == 0 and row["tokens_per_s"] is not None:
+            break
+        time.sleep(0.1)
+    assert row["tokens_per_s"] == pytest.approx(want, rel=1e-9)
+    assert row["ttft_p50_s"] == pytest.approx(m["first_token_latency"], rel=1e-9)
+    assert row["tokens_per_s"] > m["completion_tokens"] / m["e2e_latency"]  # the first token's wait left out
+
+
 @pytest.mark.parametrize("headers, field", [({"x-agent-tier": "gold"}, "x-agent-tier"), ({"x-agent-id": "bad id!"}, "x-agent-id")])
 def test_bad_agent_headers_are_400(plain_server, headers: dict, field: str) -> None:
     r = requests.post(plain_server.url + "/v1/chat/completions", headers=headers, timeout=60,
