@@ -17,7 +17,9 @@ Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tie
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
 refused (429/503); per level: total tok/s and verify budget per request (worker counters).
-Ratios against plain at the same level are the headline.
+Ratios against plain at the same level are the headline. Also per tier: when its last request
+finished in the level (a tier held back finishes in a tail at a small batch, which total tok/s
+pays for), and each refused request's status, wait and the gate's reason.
 Prefill stalls: the speculative systems run with AGENTSERVE_STEP_TRACE (one JSON line per
 decode step: its requests, and the prefill seconds run since the previous decode step), and
 each request is sent with its own rid, so every request's decode time splits into the time
