@@ -17,7 +17,11 @@ Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tie
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
 refused (429/503); per level: total tok/s and verify budget per request (worker counters).
-Ratios against plain at the same level are the headline. Also per tier: when its last request
+Ratios against plain at the same level are the headline. Steady load (--duration S): clients
+keep sending until S s into the level, and only [--warmup, S] counts: total tok/s is the tokens
+generated in it (a straddling request counts for its share), per-tier numbers are of the
+requests that finished in it. A fixed request count ends in a tail where the tiers held back
+run alone at a small batch; a server under an agent fleet's constant load has no such tail. Also per tier: when its last request
 finished in the level (a tier held back finishes in a tail at a small batch, which total tok/s
 pays for), and each refused request's status, wait and the gate's reason.
 Prefill stalls: the speculative systems run with AGENTSERVE_STEP_TRACE (one JSON line per
@@ -123,16 +127,23 @@ def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, r
 
 
 def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int,
-              tag: str = "") -> tuple[list[dict], float]:
+              tag: str = "", duration: float | None = None) -> tuple[list[dict], float]:
     """`prompts`: this level's own conc x per_client prompts (a prompt an earlier level sent
-    would be copied from the radix tree, which measures the cache, not the load)."""
+    would be copied from the radix tree, which measures the cache, not the load).
+    `duration`: steady load: a client starts no request after this many seconds into the
+    level (per_client is then only the most it may send)."""
     def client(k: int) -> list[dict]:
         tier = mix[k % len(mix)]
         out = []
         for j in range(per_client):
+            start = time.perf_counter() - t0
+            if duration is not None and start >= duration:
+                break
             ids = prompts[(k * per_client + j) % len(prompts)]
             out.append(one_request(url, f"client-{k}", tier, ids, max_new, rid=f"{tag}c{conc}-{k}-{j}" if tag else None))
+            out[-1]["start"] = start
             out[-1]["end"] = time.perf_counter() - t0  # when it finished in the level (each tier's tail)
+            out[-1]["client"] = k
             if out[-1]["status"] != 200:
                 time.sleep(1.0)  # back off as a client told Retry-After would
         return out
@@ -179,9 +190,37 @@ def first_token(done: list[dict]) -> dict:
     return {"ttft_mean": statistics.mean(xs), "ttft_p95": xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]}
 
 
-def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier]) -> dict:
-    row = {"system": system, "concurrency": conc, "total_tps": sum(r["tokens"] for r in res) / wall,
+def window_tokens(res: list[dict], w0: float, w1: float) -> float:
+    """Tokens generated within [w0, w1] s into the level. A request's first token is placed at
+    its time to first token, the rest spread evenly over its decode time (end - decode_s ..
+    end): a request that straddles an edge counts only for its share inside."""
+    total = 0.0
+    for r in res:
+        n = r.get("tokens") or 0
+        if n <= 0 or r.get("end") is None:
+            continue
+        end = r["end"]
+        first = end - (r.get("decode_s") or 0.0)
+        total += 1.0 if w0 <= first <= w1 else 0.0
+        if n > 1:
+            span = end - first
+            inside = 1.0 if span <= 0 else max(0.0, min(end, w1) - max(first, w0)) / span
+            total += (n - 1) * (inside if span > 0 else float(w0 <= end <= w1))
+    return total
+
+
+def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier],
+              window: tuple[float, float] | None = None) -> dict:
+    """`window` (steady load): total tok/s is the tokens generated inside it over its length,
+    and the per-tier numbers are of the requests that finished inside it; the warm-up burst
+    before it and the drain after it (clients stop sending at its end) are left out."""
+    span_tps = sum(r["tokens"] for r in res) / wall
+    row = {"system": system, "concurrency": conc, "span_tps": span_tps, "window": window,
+           "total_tps": window_tokens(res, *window) / (window[1] - window[0]) if window else span_tps,
            "budget_per_request": spec.get("budget_per_request"), "tiers": {}}
+    every = res
+    if window:
+        res = [r for r in res if r.get("end") is not None and window[0] < r["end"] <= window[1]]
     for t in tiers:
         rs = [r for r in res if r["tier"] == t.name]
         done = [r for r in rs if r["status"] == 200 and r["user_tps"] is not None]
@@ -197,7 +236,7 @@ def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, 
                                 "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None,
                                 "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed),
                                 **first_token(done), "done_at": max((r["end"] for r in rs if "end" in r), default=None)}
-    row["requests"] = res  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
+    row["requests"] = every  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
     return row
 
 
@@ -215,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompt set (agent traces are 1-3.5k tokens: slow to prefill on a CPU)")
     ap.add_argument("--max-agent-prompt", type=positive_int, default=768,
                     help="agent domain: cut each trace before the last assistant turn starting within this many tokens")
+    ap.add_argument("--duration", type=float, default=0.0,
+                    help="steady load: clients keep sending for this many seconds per level (--requests is then "
+                         "the most each may send); total tok/s counts the tokens generated between --warmup and "
+                         "this, per-tier numbers the requests that finished in that window. 0 = fixed request counts")
+    ap.add_argument("--warmup", type=float, default=20.0, help="steady load: seconds of the level left out at its start")
     ap.add_argument("--quick", action="store_true", help="levels 1,4 and 1 request per client")
     ap.add_argument("--out", default="bench_out/tiers")
     a = ap.parse_args(argv)
@@ -236,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--targets: '{item}' is not tier=tok/s")
         tiers.append(Tier(name=name, target_tokens_per_s=target or None, priority=prio, on_overload="queue",
                           queue_timeout_s=60.0))
+    if a.duration < 0 or (a.duration and not 0 <= a.warmup < a.duration):
+        ap.error("--duration/--warmup: need 0 <= warmup < duration")
+    window = (a.warmup, a.duration) if a.duration else None
     mix = a.mix.split(",")
     if set(mix) - {t.name for t in tiers}:
         ap.error(f"--mix: tiers {sorted(set(mix) - {t.name for t in tiers})} are not in --targets")
@@ -271,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             for c in concs:
                 before = scrape(srv.url)
                 level = prompts[starts[c]: starts[c] + c * a.requests]
-                res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens, tag=f"{s}-")
+                res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens, tag=f"{s}-",
+                                      duration=a.duration or None)
                 add_stalls(res, read_trace(trace))
-                rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers))
+                rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers, window))
+                short = out_of_prompts(res, c, a.requests, window)
+                if short:
+                    print(f"  warning: clients {short} sent all {a.requests} requests before the window ended "
+                          "(the load was not steady): raise --requests", file=sys.stderr)
                 print(f"  {s:19s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
                       + " ".join(f"{k}:{v['attainment'] if v['attainment'] is None else round(v['attainment'], 2)}"
                                  for k, v in rows[-1]["tiers"].items()), file=sys.stderr)
@@ -284,12 +336,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def out_of_prompts(res: list[dict], conc: int, per_client: int, window: tuple[float, float] | None) -> list[int]:
+    """Steady load: the clients that ran out of prompts before the window's end."""
+    if not window:
+        return []
+    sent = [[r for r in res if r.get("client") == k] for k in range(conc)]
+    return [k for k, rs in enumerate(sent) if len(rs) >= per_client and max(r["end"] for r in rs) < window[1]]
+
+
 def _order(system: str) -> tuple[int, str]:
     return list(TIER_SYSTEMS).index(_base_system(system)), system
 
 
 def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
+    win = next((r["window"] for r in rows if r.get("window")), None)
+    if win:
+        print(f"steady load: clients send until {win[1]:.0f} s; total tok/s = tokens generated in [{win[0]:.0f}, "
+              f"{win[1]:.0f}] s, per tier = requests finished in it (last column: tok/s over the whole level, warm-up and drain included)")
     w = max([19] + [len(r["system"]) for r in rows])
     head = f"{'conc':>4} {'system':{w}} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
     for t in tiers:
@@ -308,6 +372,8 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
             att = "  - " if v["attainment"] is None else f"{v['attainment']:4.0%}"
             tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
             line += f" | {'':>11} {att} {tps} {v['refused']:>3}"
+        if r.get("window"):
+            line += f" | level {r.get('span_tps') or 0:6.2f}"
         print(line)
     if any(v.get("ttft_mean") is not None for r in rows for v in r["tiers"].values()):
         print("\ntime to first token, s (admission queue + prefill; mean / p95)")

@@ -122,3 +122,51 @@ def test_field_suffix_sets_a_profile_field_with_validation() -> None:
         tier_profile(base, "tier_aware@server.chunked_prefill_size=-1", TIERS)
     with pytest.raises(ValueError, match="'admission_margin' is not a profile section"):
         tier_profile(base, "tier_aware@admission_margin.x=1", TIERS)
+
+
+def test_window_counts_each_requests_share_of_its_tokens_inside() -> None:
+    from agentserve.bench_tiers import window_tokens
+
+    # first token at end - decode_s, the other n-1 spread evenly up to end
+    a = {"tokens": 11, "end": 20.0, "decode_s": 10.0}  # first token at 10, 10 more over [10, 20]
+    b = {"tokens": 5, "end": 4.0, "decode_s": 4.0}  # wholly before the window
+    c = {"tokens": 0, "end": 15.0, "status": 503}
+    assert window_tokens([a, b, c], 10.0, 20.0) == 11.0
+    assert window_tokens([a, b, c], 15.0, 30.0) == 5.0  # half the decode, not the first token
+    assert window_tokens([a, b, c], 0.0, 12.0) == 1.0 + 2.0 + 5.0
+    assert window_tokens([{"tokens": 3, "end": 5.0, "decode_s": 0.0}], 0.0, 10.0) == 3.0  # no decode span
+
+
+def test_steady_window_leaves_out_warmup_and_drain() -> None:
+    res = [{"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 9.0, "wall": 6.0, "decode_s": 5.0,
+            "start": 0.0, "end": 6.0, "client": 0},  # finished in the warm-up
+           {"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 5.0, "wall": 6.0, "decode_s": 5.0,
+            "start": 6.0, "end": 12.0, "client": 0},
+           {"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 20.0, "wall": 6.0, "decode_s": 5.0,
+            "start": 12.0, "end": 18.0, "client": 0}]  # finished in the drain
+    row = summarize("plain", 1, res, 18.0, {}, TIERS, window=(7.0, 15.0))
+    assert row["span_tps"] == 33 / 18.0
+    # none of the first, all 11 of the second, 1 + 10*(2/5) of the third, over 8 s
+    assert row["total_tps"] == pytest.approx((11.0 + 5.0) / 8.0)
+    v = row["tiers"]["interactive"]
+    assert v["completed"] == 1 and v["attainment"] == 0.0 and v["user_tps"] == 5.0
+    assert len(row["requests"]) == 3  # all kept for the json
+
+
+def test_a_client_out_of_prompts_before_the_window_ends_is_named() -> None:
+    from agentserve.bench_tiers import out_of_prompts
+
+    res = [{"client": 0, "end": 5.0}, {"client": 0, "end": 9.0}, {"client": 1, "end": 8.0}, {"client": 1, "end": 14.0}]
+    assert out_of_prompts(res, 2, 2, (2.0, 10.0)) == [0]
+    assert out_of_prompts(res, 2, 3, (2.0, 10.0)) == []
+    assert out_of_prompts(res, 2, 2, None) == []
+
+
+def test_table_names_the_steady_window(capsys) -> None:
+    res = [{"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 9.0, "wall": 6.0, "decode_s": 5.0,
+            "start": 4.0, "end": 10.0, "client": 0}]
+    print_table([summarize("plain", 1, res, 12.0, {}, TIERS, window=(2.0, 12.0))], TIERS, "test machine")
+    out = capsys.readouterr().out
+    assert "tokens generated in [2, 12] s" in out
+    line = next(l for l in out.splitlines() if l.startswith("   1 plain"))
+    assert line.split()[2] == "1.10" and line.rstrip().endswith("level   0.92")
