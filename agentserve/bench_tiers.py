@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                       duration=a.duration or None)
                 add_stalls(res, read_trace(trace))
                 rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers, window))
-                short = out_of_prompts(res, c, a.requests, window)
+                short = rows[-1]["ran_out"] = out_of_prompts(res, c, a.requests, window)
                 if short:
                     print(f"  warning: clients {short} sent all {a.requests} requests before the window ended "
                           "(the load was not steady): raise --requests", file=sys.stderr)
@@ -375,6 +375,8 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
         if r.get("window"):
             line += f" | level {r.get('span_tps') or 0:6.2f}"
         print(line)
+        if r.get("ran_out"):
+            print(f"     not steady: clients {r['ran_out']} sent all their requests before the window ended")
     if any(v.get("ttft_mean") is not None for r in rows for v in r["tiers"].values()):
         print("\ntime to first token, s (admission queue + prefill; mean / p95)")
         for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):

@@ -170,3 +170,8 @@ def test_table_names_the_steady_window(capsys) -> None:
     assert "tokens generated in [2, 12] s" in out
     line = next(l for l in out.splitlines() if l.startswith("   1 plain"))
     assert line.split()[2] == "1.10" and line.rstrip().endswith("level   0.92")
+    assert "not steady" not in out
+    row = summarize("plain", 1, res, 12.0, {}, TIERS, window=(2.0, 12.0))
+    row["ran_out"] = [0]
+    print_table([row], TIERS, "test machine")
+    assert "not steady: clients [0] sent all their requests" in capsys.readouterr().out
