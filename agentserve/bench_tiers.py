@@ -16,7 +16,7 @@ is a nested one; an ablation in the same run; the value is YAML).
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
-refused (429/503); per level: total tok/s and verify budget per request (worker counters).
+completed ("done": under steady load, how much each tier got through), refused (429/503); per level: total tok/s and verify budget per request (worker counters).
 Ratios against plain at the same level are the headline. Steady load (--duration S): clients
 keep sending until S s into the level, and only [--warmup, S] counts: total tok/s is the tokens
 generated in it (a straddling request counts for its share), per-tier numbers are of the
@@ -357,7 +357,7 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
     w = max([19] + [len(r["system"]) for r in rows])
     head = f"{'conc':>4} {'system':{w}} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
     for t in tiers:
-        head += f" | {t.name[:11]:>11} att  tok/s ref"
+        head += f" | {t.name[:11]:>11} att  tok/s done ref"
     print(head + "   (x plain: against the fastest plain system of the run at that concurrency)")
     plain: dict[int, float] = {}  # the ratio's base: the fastest plain configuration in the run
     for r in rows:
@@ -371,7 +371,7 @@ def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
             v = r["tiers"][t.name]
             att = "  - " if v["attainment"] is None else f"{v['attainment']:4.0%}"
             tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
-            line += f" | {'':>11} {att} {tps} {v['refused']:>3}"
+            line += f" | {'':>11} {att} {tps} {v['completed']:>4} {v['refused']:>3}"
         if r.get("window"):
             line += f" | level {r.get('span_tps') or 0:6.2f}"
         print(line)

@@ -170,6 +170,7 @@ def test_table_names_the_steady_window(capsys) -> None:
     assert "tokens generated in [2, 12] s" in out
     line = next(l for l in out.splitlines() if l.startswith("   1 plain"))
     assert line.split()[2] == "1.10" and line.rstrip().endswith("level   0.92")
+    assert "| " + " " * 11 + " 100%   9.0    1   0 |" in line  # attainment, tok/s, done, refused
     assert "not steady" not in out
     row = summarize("plain", 1, res, 12.0, {}, TIERS, window=(2.0, 12.0))
     row["ran_out"] = [0]
