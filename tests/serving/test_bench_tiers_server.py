@@ -1,0 +1,33 @@
+"""The tier bench's steady-load loop against a real server: clients stop sending at the
+deadline, and the window counts only what was generated inside it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agentserve.bench_tiers import out_of_prompts, run_level, summarize, window_tokens
+from agentserve.profile import Tier
+
+pytestmark = pytest.mark.server
+
+
+def test_steady_load_stops_sending_at_the_deadline(plain_server) -> None:
+    prompts = [[100 + k, 2000 + 7 * k, 3000 + k, 400, 500 + k] for k in range(60)]  # distinct: no cache hits
+    duration = 2.5
+    res, wall = run_level(plain_server.url, 2, ["standard"], prompts, 30, 4, tag=f"steady{time.time_ns()}-",
+                          duration=duration)
+    assert all(r["status"] == 200 for r in res)
+    assert all(r["start"] < duration for r in res)  # none sent after the deadline
+    per_client = [sum(1 for r in res if r["client"] == k) for k in range(2)]
+    assert min(per_client) >= 2 and max(per_client) < 30, per_client  # the deadline ended it, not the cap
+    assert out_of_prompts(res, 2, 30, (0.5, duration)) == []
+    assert max(r["end"] for r in res) > duration  # the last ones drained after it
+    tokens = sum(r["tokens"] for r in res)
+    inside = window_tokens(res, 0.5, duration)
+    assert 0 < inside < tokens  # the warm-up and the drain are left out
+    row = summarize("plain", 2, res, wall, {}, [Tier(name="standard", target_tokens_per_s=5.0, priority=0)],
+                    window=(0.5, duration))
+    assert row["total_tps"] == pytest.approx(inside / (duration - 0.5))
+    assert row["tiers"]["standard"]["completed"] == sum(1 for r in res if 0.5 < r["end"] <= duration)
