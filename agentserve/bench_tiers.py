@@ -16,14 +16,16 @@ is a nested one; an ablation in the same run; the value is YAML).
 Load: at each concurrency C, C closed-loop clients (agent ids client-0..C-1, tiers assigned
 round-robin from --mix) each send --requests prompts of --domain via /generate. Per tier:
 attainment (completed requests whose per-user tok/s met the target), mean per-user tok/s,
-completed ("done": under steady load, how much each tier got through), refused (429/503); per level: total tok/s and verify budget per request (worker counters).
-Ratios against plain at the same level are the headline. Steady load (--duration S): clients
-keep sending until S s into the level, and only [--warmup, S] counts: total tok/s is the tokens
-generated in it (a straddling request counts for its share), per-tier numbers are of the
-requests that finished in it. A fixed request count ends in a tail where the tiers held back
-run alone at a small batch; a server under an agent fleet's constant load has no such tail. Also per tier: when its last request
-finished in the level (a tier held back finishes in a tail at a small batch, which total tok/s
-pays for), and each refused request's status, wait and the gate's reason.
+completed ("done": under steady load, how much each tier got through), refused (429/503);
+per level: total tok/s and verify budget per request (worker counters). Ratios against plain
+at the same level are the headline. Steady load (--duration S): clients keep sending until S s
+into the level, and only [--warmup, S] counts: total tok/s is the tokens generated in it (a
+straddling request counts for its share), per-tier numbers are of the requests that finished
+in it. A fixed request count ends in a tail where the tiers held back run alone at a small
+batch; a server under an agent fleet's constant load has no such tail. Also per tier: when
+its last request finished in the level (a tier held back finishes in a tail at a small
+batch, which total tok/s pays for), and each refused request's status, wait and the gate's
+reason.
 Prefill stalls: the speculative systems run with AGENTSERVE_STEP_TRACE (one JSON line per
 decode step: its requests, and the prefill seconds run since the previous decode step), and
 each request is sent with its own rid, so every request's decode time splits into the time
