@@ -204,10 +204,10 @@ def window_tokens(res: list[dict], w0: float, w1: float) -> float:
         end = r["end"]
         first = end - (r.get("decode_s") or 0.0)
         total += 1.0 if w0 <= first <= w1 else 0.0
-        if n > 1:
-            span = end - first
-            inside = 1.0 if span <= 0 else max(0.0, min(end, w1) - max(first, w0)) / span
-            total += (n - 1) * (inside if span > 0 else float(w0 <= end <= w1))
+        if n > 1 and end > first:
+            total += (n - 1) * max(0.0, min(end, w1) - max(first, w0)) / (end - first)
+        elif n > 1 and w0 <= end <= w1:  # no decode span: all at once
+            total += n - 1
     return total
 
 
