@@ -13,7 +13,7 @@ DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-dem
 
 
 def _cmd_launch(a: argparse.Namespace) -> int:
-    from agentserve.launcher import build_plan, launch
+    from agentserve.server.launcher import build_plan, launch
 
     prof = load_profile(a.profile)
     if a.dry_run:
@@ -29,7 +29,7 @@ def _cmd_launch(a: argparse.Namespace) -> int:
 
 
 def _cmd_profile_check(a: argparse.Namespace) -> int:
-    from agentserve.launcher import check_ready
+    from agentserve.server.launcher import check_ready
 
     prof = load_profile(a.file)
     problems = check_ready(prof)
@@ -44,7 +44,7 @@ def _cmd_profile_check(a: argparse.Namespace) -> int:
 
 
 def _cmd_model_prepare(a: argparse.Namespace) -> int:
-    from agentserve.model_prep import prepare
+    from agentserve.model import prepare
 
     prepare(Path(a.out) if a.out else None, dtype=a.dtype, force=a.force)
     return 0
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands whose modules own their own argparse (they take the remaining argv).
 _PLUGGABLE: list[tuple[str, str, str]] = [
-    ("bench", "agentserve.bench", "benchmark serving systems on the same prompts (ratios vs plain, JSON, PNG)"),
+    ("bench", "agentserve.bench.serve", "benchmark serving systems on the same prompts (ratios vs plain, JSON, PNG)"),
     ("train-draft", "sglang_ext.dspark.train", "train a DSpark drafter for a target model (CPU or GPU)"),
     ("console", "console.app", "the live operator console (Textual)"),
 ]

@@ -73,7 +73,7 @@ def run_demo(profile_path: str | None = None, url: str | None = None) -> int:
     if url:
         run_conversation(url)
         return 0
-    from agentserve.procs import ServerProcess
+    from agentserve.server.procs import ServerProcess
     from agentserve.profile import load_profile
 
     prof = load_profile(profile_path or Path(__file__).resolve().parent.parent / "profiles" / "cpu-demo.yaml")

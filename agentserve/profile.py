@@ -72,11 +72,11 @@ class ServerSpec(_Strict):
     prefill_decode_interval: int | None = Field(default=None, ge=0)
     enable_metrics: bool = True
     # bf16 models on a CPU: "auto" times bf16 against fp32 GEMM per weight shape and row count
-    # and uses the faster (sglang_ext/cpu_matmul.py); "native": always the model's dtype;
+    # and uses the faster (sglang_ext/cpu/matmul.py); "native": always the model's dtype;
     # "fp32": fp32 GEMM for every product of two or more rows, without timing
     cpu_matmul: Literal["auto", "native", "fp32"] = "auto"
     # half-precision models on a CPU: "fp32" runs decode attention over the gathered K/V in fp32
-    # (about 2x faster where the CPU has no native bf16; sglang_ext/verify_attention.py),
+    # (about 2x faster where the CPU has no native bf16; sglang_ext/cpu/attention.py),
     # "native" leaves SGLang's decode attention in the model's dtype
     cpu_attention: Literal["fp32", "native"] = "fp32"
     extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
@@ -141,7 +141,7 @@ class Profile(_Strict):
     # Prefill pacing (agentspark, tier_aware scheduler): the waiting queue is prefilled most
     # important tier first, and a prefill waits while its stall and the larger batch after it
     # would put a running promised request below its target: after this many seconds only for
-    # an answer already decoding, after 3x not at all; 0 = off. sglang_ext/prefill_pacing.py
+    # an answer already decoding, after 3x not at all; 0 = off. sglang_ext/tiers/pacing.py
     prefill_max_defer_s: float = Field(
         default=10.0, ge=0,
         description="seconds after which a held prefill waits only for an answer already decoding; 3x this at most (0: off)")

@@ -44,7 +44,7 @@ def agent_sequences(target: Any, tok: Any, n: int, cache: str, max_prompt: int, 
     """Held-out agent turns: each synthetic trace (tool calls with JSON arguments, tool outputs,
     file edits, retries) cut before an assistant turn that starts within `max_prompt` tokens,
     continued greedily by the target itself (so anchors sit in text the target produces)."""
-    from agentserve.bench import agent_prompts
+    from agentserve.bench.serve import agent_prompts
     from sglang_ext.dspark.data import read_cache
 
     done = [r for r in read_cache(cache) if r.get("domain") == "agent"]

@@ -1,6 +1,6 @@
 """Offline upper bound for session-aware copy drafting on synthetic agent traces.
 
-For each trace kind (sglang_ext/agent_traces.py), the session's token stream (prompts, tool
+For each trace kind (agentserve/bench/traces.py), the session's token stream (prompts, tool
 outputs, earlier turns) is indexed incrementally with SessionSuffixIndex, and every assistant
 generation is replayed as if the target reproduced the trace text exactly (greedy upper
 bound):
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sglang_ext.agent_traces import TRACE_KINDS, TokenTrace, build_corpus, tokenize_trace  # noqa: E402
-from sglang_ext.suffix_index import SessionSuffixIndex  # noqa: E402
-from sglang_ext.suffix_proposer import CopySurvival, expected_accepted  # noqa: E402
+from agentserve.bench.traces import TRACE_KINDS, TokenTrace, build_corpus, tokenize_trace  # noqa: E402
+from sglang_ext.copy.suffix_index import SessionSuffixIndex  # noqa: E402
+from sglang_ext.copy.chooser import CopySurvival, expected_accepted  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agentserve.demo import WEATHER_TOOL  # noqa: E402
-from agentserve.procs import ServerProcess  # noqa: E402
+from agentserve.server.procs import ServerProcess  # noqa: E402
 from agentserve.profile import load_profile  # noqa: E402
 
 AGENTS = [("planner-1", "interactive"), ("coder-2", "standard"), ("coder-3", "standard"), ("indexer-4", "batch")]

@@ -25,26 +25,27 @@ def load() -> None:
     _loaded = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sglang_ext import verify_attention
+    from sglang_ext.cpu import attention as verify_attention
 
     HookRegistry.register(verify_attention.TARGET, verify_attention.around_forward_extend, HookType.AROUND)
     verify_attention.FP32_ON_CPU = verify_attention.decode_mode_from_profile() == "fp32"
     if verify_attention.FP32_ON_CPU:  # half-precision decode attention on a CPU in fp32
         HookRegistry.register(verify_attention.DECODE_TARGET, verify_attention.around_decode_sdpa, HookType.AROUND)
 
-    from sglang_ext import cpu_matmul
+    from sglang_ext.cpu import matmul as cpu_matmul
 
     if cpu_matmul.mode_from_profile() != "native":  # measured bf16/fp32 GEMM choice (acts on CPU bf16 only)
         HookRegistry.register(cpu_matmul.LINEAR_TARGET, cpu_matmul.around_linear, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, cpu_matmul.around_lm_head, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LOAD_TARGET, cpu_matmul.after_load_model, HookType.AFTER)
 
-    from sglang_ext import seeded_sampling
+    from sglang_ext.spec import seeded_sampling
 
     HookRegistry.register(seeded_sampling.TP_TARGET, seeded_sampling.around_tp_forward, HookType.AROUND)
     HookRegistry.register(seeded_sampling.SAMPLER_TARGET, seeded_sampling.around_sampler, HookType.AROUND)
 
-    from sglang_ext import algorithms, prefill_pacing
+    from sglang_ext.spec import algorithms
+    from sglang_ext.tiers import pacing as prefill_pacing
 
     algorithms.register_all()
     # a no-op unless the speculative worker carries a pacer (AGENTSPARK, tier-aware)
@@ -60,7 +61,7 @@ def load() -> None:
 def _before_launch(*args: object, **kwargs: object) -> None:
     from sglang.srt.entrypoints import http_server
 
-    from sglang_ext import agent_api
+    from sglang_ext.http import middleware as agent_api
 
     agent_api.install(http_server.app)
     return None

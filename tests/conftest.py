@@ -19,7 +19,7 @@ FEATURE_DUMP = LOGS / "agentspark-first-prefill-features.pt"
 # Importing SGLang in this process (unit tests of our hooks) needs what a CPU server gets from
 # the launcher: the CPU engine switch and, where no real sgl_kernel exists, our stand-in.
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-from sglang_ext.cpu_kernels import SHIM_DIR, shim_needed  # noqa: E402
+from sglang_ext.cpu.kernels import SHIM_DIR, shim_needed  # noqa: E402
 
 if shim_needed() and str(SHIM_DIR) not in sys.path:
     sys.path.insert(0, str(SHIM_DIR))
@@ -29,7 +29,7 @@ _STARTED: dict[str, int] = {}
 
 
 def _server(profile_name: str, extra_env: dict[str, str] | None = None, **overrides: object) -> Iterator["ServerProcess"]:  # noqa: F821
-    from agentserve.procs import ServerProcess
+    from agentserve.server.procs import ServerProcess
     from agentserve.profile import load_profile
 
     LOGS.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu_matmul import fast_linear
+from ..cpu.matmul import fast_linear
 from .config import DSparkConfig, DSparkConfigError
 from .sampling import BlockSample, SamplingParams, sample_block_sequential
 

@@ -271,7 +271,7 @@ def test_streamed_tool_call_deltas_equal_the_whole_call_under_multi_token_steps(
 @pytest.fixture(scope="module")
 def mixed_chunk_server():
     """AGENTSPARK with SGLang's --enable-mixed-chunk (stopped when this module ends)."""
-    from agentserve.procs import ServerProcess
+    from agentserve.server.procs import ServerProcess
     from agentserve.profile import load_profile
 
     prof = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "agentspark-fp32.yaml")

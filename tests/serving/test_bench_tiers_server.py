@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agentserve.bench_tiers import out_of_prompts, run_level, summarize, window_tokens
+from agentserve.bench.tiers import out_of_prompts, run_level, summarize, window_tokens
 from agentserve.profile import Tier
 
 pytestmark = pytest.mark.server

@@ -1,4 +1,4 @@
-"""The fp32 GEMM path (sglang_ext/cpu_matmul.py) inside a real bf16 SGLang server: the same
+"""The fp32 GEMM path (sglang_ext/cpu/matmul.py) inside a real bf16 SGLang server: the same
 prompt scored by a server forced onto it (`server.cpu_matmul: fp32`) and by one on the
 native bf16 kernels gives the same log-probabilities up to bf16 rounding, and the forced
 server's log shows the fp32 kernels were chosen."""

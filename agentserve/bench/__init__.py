@@ -1,0 +1,1 @@
+"""Benchmarks of served systems: one client, one definition of each metric, subcommands."""

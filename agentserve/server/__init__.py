@@ -1,0 +1,1 @@
+"""Launching SGLang from a profile and managing its processes."""

@@ -1,0 +1,112 @@
+"""Start a profile's SGLang server as a child process, wait for health, stop it and its children.
+
+Used by `agentserve demo`, the benchmarks and the test fixtures. SGLang's launch_server does
+not exit promptly on SIGTERM and leaves scheduler/detokenizer children, so stopping goes by
+process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from agentserve.server.launcher import build_plan, check_ready
+from agentserve.profile import Profile, ProfileError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kill_tree(pid: int, timeout: float = 10.0) -> None:
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = root.children(recursive=True) + [root]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+class ServerProcess:
+    """A running SGLang server for one profile, on 127.0.0.1 and a free port."""
+
+    def __init__(self, profile: Profile, log_path: str | Path | None = None, port: int | None = None,
+                 extra_env: dict[str, str] | None = None):
+        problems = check_ready(profile)
+        if problems:
+            raise ProfileError(problems)
+        self.profile = profile
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.plan = build_plan(profile, port=self.port)
+        self.log_path = Path(log_path) if log_path else None
+        self._extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds: float | None = None
+
+    def _log_tail(self, lines: int = 25) -> str:
+        """The end of the server's log, so a start-up failure says why where it is reported."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        tail = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()[-lines:]
+        return "\n--- last lines of the log ---\n" + "\n".join(tail)
+
+    def start(self, timeout: float = 600.0) -> ServerProcess:
+        env = {**os.environ, **self.plan.env, **self._extra_env}
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.plan.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                kill_tree(self.proc.pid)  # SGLang's own children, if any outlived it
+                raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up; log: {self.log_path}"
+                                   f"{self._log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    self.start_seconds = time.monotonic() - t0
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"SGLang server not healthy after {timeout:.0f}s; log: {self.log_path}")
+
+    def peak_rss_bytes(self) -> int:
+        """Resident memory of the server and its children now (a lower bound on the peak)."""
+        if self.proc is None:
+            return 0
+        try:
+            root = psutil.Process(self.proc.pid)
+            return sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc.pid)
+            self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

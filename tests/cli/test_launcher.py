@@ -1,0 +1,57 @@
+"""Profile -> SGLang command line and environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agentserve.cli import main as cli_main
+from agentserve.server.launcher import build_plan
+from agentserve.profile import load_profile, parse_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_cpu_demo_plan() -> None:
+    plan = build_plan(load_profile(REPO / "profiles" / "cpu-demo.yaml"), port=31234)
+    a = plan.argv
+    assert a[1:3] == ["-m", "sglang.launch_server"]
+    assert flag(a, "--port") == "31234" and flag(a, "--host") == "127.0.0.1"
+    assert flag(a, "--attention-backend") == "torch_native" and flag(a, "--device") == "cpu"
+    assert flag(a, "--tool-call-parser") == "hermes" and flag(a, "--dtype") == "bfloat16"
+    assert "--speculative-algorithm" not in a and "--enable-metrics" in a
+    assert plan.env["SGLANG_USE_CPU_ENGINE"] == "1" and plan.env["SGLANG_TOOL_STRICT_LEVEL"] == "2"
+    assert plan.env["SGLANG_NATIVE_MOVE_KV_CACHE"] == "1"
+    assert json.loads(plan.env["AGENTSERVE_PROFILE_JSON"])["name"] == "cpu-demo"
+    # no real sgl_kernel on this machine: the stand-in is put on the path for the CPU server
+    assert "shim" in plan.env.get("PYTHONPATH", "")
+
+
+def test_speculative_and_gpu_plans() -> None:
+    spark = build_plan(load_profile(REPO / "profiles" / "cpu-dspark.yaml"))
+    assert flag(spark.argv, "--speculative-algorithm") == "AGENTSPARK"
+    assert flag(spark.argv, "--speculative-num-draft-tokens") == "8" and "--disable-overlap-schedule" in spark.argv
+    assert json.loads(spark.env["AGENTSERVE_PROFILE_JSON"])["drafter"]["path"].endswith("drafters/smollm2-135m-dspark")
+    # radix drafting walks the radix tree, which only the Python tree core exposes
+    assert spark.env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] == "python"
+    prof = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
+    no_tree = prof.model_copy(update={"drafter": prof.drafter.model_copy(update={"radix_tree": False})})
+    assert "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND" not in build_plan(no_tree).env
+    gpu = build_plan(parse_profile({"name": "g", "model": {"path": "/m"}, "server": {"device": "cuda", "extra_args": ["--tp", "2"]}}))
+    assert "SGLANG_USE_CPU_ENGINE" not in gpu.env and "PYTHONPATH" not in gpu.env
+    assert "--attention-backend" not in gpu.argv and gpu.argv[-2:] == ["--tp", "2"]
+    # upstream DSPARK on a GPU, on the same checkpoint (the GPU baseline of `agentserve bench`)
+    up = build_plan(parse_profile({"name": "u", "model": {"path": "/m"}, "server": {"device": "cuda"},
+                                   "drafter": {"algorithm": "dspark", "path": "/d", "num_draft_tokens": 8}}))
+    assert flag(up.argv, "--speculative-algorithm") == "DSPARK" and flag(up.argv, "--speculative-draft-model-path") == "/d"
+    assert flag(up.argv, "--speculative-dspark-block-size") == "7" and "--disable-overlap-schedule" not in up.argv
+
+
+def test_dry_run_prints_command(capsys) -> None:
+    assert cli_main(["launch", "--profile", str(REPO / "profiles" / "cpu-demo.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sglang.launch_server" in out and "export SGLANG_USE_CPU_ENGINE=1" in out

@@ -1,0 +1,107 @@
+"""The worker's online step-cost table: measured points, the monotone fallback, padding to a
+cheaper wider verify, and the on-disk cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sglang_ext.spec.step_cost import OnlineSPS
+
+
+def fed(points: dict[int, float], path: Path | None = None, n: int = 16) -> OnlineSPS:
+    sps = OnlineSPS(path)
+    for _ in range(n):
+        for b, sec in points.items():
+            sps.observe(b, sec)
+    return sps
+
+
+def test_measured_points_keep_their_shape() -> None:
+    # a bf16 CPU: 2 tokens cost more than 4 or 8 (the isotonic table averages that away)
+    sps = fed({1: 0.070, 2: 0.125, 4: 0.090, 8: 0.095})
+    assert sps.step_seconds(2) == pytest.approx(0.125)
+    assert 1.0 / sps(2) < 0.125  # the monotone table would call width 2 cheaper than it is
+    assert sps.step_seconds(3) == pytest.approx(1.0 / sps(3))  # unmeasured: the table
+
+
+def test_cheapest_width_pads_only_when_wider_is_cheaper() -> None:
+    sps = fed({1: 0.070, 2: 0.125, 4: 0.090, 8: 0.095})
+    assert sps.cheapest_width(1, 2, 8)[0] == 4
+    assert sps.cheapest_width(1, 2, 8)[1] == pytest.approx(0.090)
+    assert sps.cheapest_width(1, 1, 8)[0] == 1  # plain decoding stays plain
+    assert sps.cheapest_width(1, 5, 8)[0] in (5, 6, 7, 8)  # never narrower than needed
+    assert sps.cheapest_width(1, 2, 3)[0] in (2, 3)  # never wider than allowed
+    flat = fed({1: 0.05, 2: 0.06, 4: 0.08, 8: 0.12})
+    assert flat.cheapest_width(1, 2, 8)[0] == 2  # a rising cost curve never pads
+
+
+def test_too_few_samples_fall_back_to_the_table() -> None:
+    sps = fed({1: 0.07, 2: 0.5}, n=1)
+    assert sps.step_seconds(2) == pytest.approx(1.0 / sps(2))
+
+
+def test_cache_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sps.json"
+    sps = fed({1: 0.07, 8: 0.14}, path)
+    sps.save()
+    again = OnlineSPS(path)
+    assert again.step_seconds(8) == pytest.approx(sps.step_seconds(8))
+    assert again(1) == pytest.approx(sps(1))
+
+
+def true_cost(b: int, kv: float) -> float:
+    # an f(B) with a bump at 2 (kept, not averaged) plus 30 us per K/V token read
+    return {1: 0.05, 2: 0.08, 8: 0.06, 24: 0.07}[b] + 3e-5 * kv
+
+
+def fed_kv(path: Path | None = None) -> OnlineSPS:
+    sps = OnlineSPS(path)
+    for i in range(64):
+        for b in (1, 2, 8, 24):
+            kv = 200 + 300 * ((i * 7 + b) % 10)  # contexts from 200 to 2900 tokens, mixed per B
+            sps.observe(b, true_cost(b, kv), kv)
+    return sps
+
+
+def test_kv_slope_is_fitted_within_each_token_count() -> None:
+    sps = fed_kv()
+    assert sps.kv_slope == pytest.approx(3e-5, rel=0.02)
+    for b in (1, 2, 8, 24):
+        for kv in (0, 1000, 8000):
+            assert sps.step_seconds(b, kv) == pytest.approx(true_cost(b, kv), rel=0.02)
+    assert sps.step_seconds(2, 500) > sps.step_seconds(8, 500)  # f's shape in B survives the fit
+
+
+def test_phase_mixed_table_prices_extra_positions_at_the_steps_context() -> None:
+    # Short chats measured B=8, long agent turns B=24: a table keyed on B alone calls the
+    # 16 extra positions 0.13 s dearer; at one step's context they cost 0.01 s.
+    sps = OnlineSPS(None)
+    for i in range(32):
+        sps.observe(8, true_cost(8, 400 + 10 * (i % 5)), 400 + 10 * (i % 5))
+        sps.observe(8, true_cost(8, 4000 + 10 * (i % 5)), 4000 + 10 * (i % 5))
+        sps.observe(24, true_cost(24, 4000 + 100 * (i % 5)), 4000 + 100 * (i % 5))
+    gap = sps.step_seconds(24, 4000) - sps.step_seconds(8, 4000)
+    assert gap == pytest.approx(0.01, abs=0.004)
+    rate = sps.at(4000)
+    assert 24 * rate(24) > 8 * rate(8)  # Algorithm 1 sees the wide step as the better deal
+
+
+def test_no_kv_spread_leaves_the_slope_at_zero() -> None:
+    sps = fed({1: 0.07, 8: 0.14})  # every step at kv 0
+    assert sps.kv_slope == 0.0
+    assert sps.step_seconds(8, 5000) == pytest.approx(0.14)
+
+
+def test_cache_keeps_the_kv_model(tmp_path: Path) -> None:
+    path = tmp_path / "sps.json"
+    sps = fed_kv(path)
+    sps.save()
+    again = OnlineSPS(path)
+    assert again.kv_slope == pytest.approx(sps.kv_slope)
+    assert again.step_seconds(8, 1500) == pytest.approx(sps.step_seconds(8, 1500))
+
+
+def test_cache_file_differs_per_dtype() -> None:
+    assert OnlineSPS.for_model("m", "bfloat16").path != OnlineSPS.for_model("m", "float32").path
