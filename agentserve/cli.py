@@ -17,12 +17,13 @@ def _cmd_launch(a: argparse.Namespace) -> int:
 
     prof = load_profile(a.profile)
     if a.dry_run:
-        plan = build_plan(prof, a.profile, a.port)
-        for k, v in sorted(plan.env.items()):
-            if k != "AGENTSERVE_PROFILE_JSON":
-                print(f"export {k}={v}")
+        plan = build_plan(prof, a.port)
         import shlex
 
+        # every variable, the served profile's path included: pasted into a shell, these lines
+        # start the same server as `agentserve launch` would
+        for k, v in sorted(plan.env.items()):
+            print(f"export {k}={shlex.quote(v)}")
         print(shlex.join(plan.argv))
         return 0
     return launch(prof, a.profile, a.port)

@@ -117,3 +117,23 @@ def model_dir() -> Path:
     if not (p / "config.json").is_file():
         pytest.fail(f"bundled model missing at {p}: run 'agentserve model prepare' (scripts/setup.sh does)")
     return p
+
+
+@pytest.fixture()
+def serve_profile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Make a profile (a dict of fields; name and model are filled in) the served one, as the
+    launcher does: written to a file whose path goes in AGENTSERVE_PROFILE."""
+    import json
+
+    from sglang_ext import config
+
+    def serve(fields: dict) -> Path:
+        data = {"name": "test", "model": {"path": "/nonexistent-model"}, **fields}
+        path = tmp_path / "served-profile.json"
+        path.write_text(json.dumps(data))
+        monkeypatch.setenv(config.ENV, str(path))
+        config.reset()
+        return path
+
+    yield serve
+    config.reset()

@@ -1,11 +1,13 @@
 """Profile -> SGLang server command line (+ the environment our plugin reads).
 
 The plugin runs inside every SGLang process, so it learns the profile through the
-``AGENTSERVE_PROFILE`` environment variable rather than through SGLang's own arguments.
+``AGENTSERVE_PROFILE`` environment variable (the path of the served profile, written here)
+rather than through SGLang's own arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import subprocess
@@ -38,7 +40,7 @@ class LaunchPlan:
 
 
 
-def build_plan(profile: Profile, profile_path: str | Path | None = None, port: int | None = None) -> LaunchPlan:
+def build_plan(profile: Profile, port: int | None = None) -> LaunchPlan:
     s, m, d = profile.server, profile.model, profile.drafter
     args: dict[str, str | None] = {
         "--model-path": m.path,
@@ -79,7 +81,7 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         if d.algorithm in ("agent_ngram", "agentspark"):
             # Our workers run synchronously (the drafter needs the accepted tokens first).
             flags.append("--disable-overlap-schedule")
-        # agentspark's drafter path reaches the worker through AGENTSERVE_PROFILE_JSON: SGLang
+        # agentspark's drafter path reaches the worker through the served profile: SGLang
         # would treat --speculative-draft-model-path as a model of its own to load.
         if d.algorithm == "dspark":
             # upstream DSPARK loads the same checkpoint format itself; verify width = gamma + 1
@@ -91,11 +93,10 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
         argv += [k, v] if v is not None else [k]
     argv += flags + list(s.extra_args)
 
-    # the profile as served: with the port actually used (the load report is named by it)
+    # the profile as served (paths resolved, the port actually used: the load report is named by
+    # it) goes to a file whose path every SGLang process reads once (sglang_ext/config.py)
     served = profile if port is None else profile.model_copy(update={"server": s.model_copy(update={"port": port})})
-    env = {"AGENTSERVE_PROFILE_JSON": served.model_dump_json()}
-    if profile_path is not None:
-        env["AGENTSERVE_PROFILE"] = str(Path(profile_path).resolve())
+    env = {"AGENTSERVE_PROFILE": str(write_served(served))}
     if d.algorithm == "agentspark" and d.radix_drafting and d.radix_tree:
         # the worker walks the radix tree for continuations; only the Python tree core has nodes
         env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] = "python"
@@ -111,6 +112,24 @@ def build_plan(profile: Profile, profile_path: str | Path | None = None, port: i
             # SGLang's CPU path imports sgl_kernel, whose CPU build is not on PyPI.
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
     return LaunchPlan(argv=argv, env=env)
+
+
+def served_dir() -> Path:
+    return Path(os.environ.get("AGENTSERVE_CACHE") or Path.home() / ".cache" / "agentserve") / "served"
+
+
+def write_served(profile: Profile) -> Path:
+    """Write the served profile to a file named by its content (so the path printed by
+    --dry-run stays valid, and two servers never share a file that one of them rewrites)."""
+    text = profile.model_dump_json(indent=1)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = served_dir() / f"{profile.name}-{profile.server.port}-{digest}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
 
 
 def check_ready(profile: Profile) -> list[str]:
@@ -131,7 +150,7 @@ def launch(profile: Profile, profile_path: str | Path | None = None, port: int |
     problems = check_ready(profile)
     if problems:
         raise ProfileError(problems, str(profile_path) if profile_path else None)
-    plan = build_plan(profile, profile_path, port)
+    plan = build_plan(profile, port)
     env = {**os.environ, **plan.env}
     print(f"agentserve: starting {shlex.join(plan.argv)}", file=sys.stderr)
     proc = subprocess.Popen(plan.argv, env=env)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_ext.config import server_setting
+from sglang_ext import config
 
 TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
 DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
@@ -33,7 +33,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def decode_mode_from_profile() -> str:
     """`server.cpu_attention` of the profile the launcher passed: fp32 (default) or native."""
-    return server_setting("cpu_attention", "fp32")
+    return config.served().server.cpu_attention
 
 
 FP32_ON_CPU = True  # the plugin sets it from server.cpu_attention; verify and decode agree

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sglang_ext.config import server_setting
+from sglang_ext import config
 
 log = logging.getLogger("agentserve.cpu_matmul")
 
@@ -199,7 +199,7 @@ _chooser: Optional[GemmChooser] = None
 
 def mode_from_profile() -> str:
     """`server.cpu_matmul` of the profile the launcher passed: auto (default), native, fp32."""
-    return server_setting("cpu_matmul", "auto")
+    return config.served().server.cpu_matmul
 
 
 def chooser() -> GemmChooser:

@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 from sglang_ext.tiers.admission import Overloaded, TierGate
 from sglang_ext.tiers.load_report import CapacityModel
-from sglang_ext.config import served_profile
+from sglang_ext import config
 from sglang_ext.http.sessions import SessionError, SessionStore
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 MAX_AGENTS = int(os.environ.get("AGENTSERVE_MAX_AGENT_LABELS", "32"))
 WINDOW = 256  # recent requests kept per agent for percentiles
 TPS_BUCKETS = [1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 50, 80, 120, 200, 400]
-
-
-def _profile() -> dict[str, Any]:
-    return served_profile()
 
 
 @dataclass
@@ -76,20 +72,16 @@ class AgentRegistry:
         self.labelled: set[str] = set()
         self.lock = threading.Lock()
         self._metrics: dict[str, Any] | None = None
-        prof = _profile()
-        self.tiers = {t["name"]: t for t in prof.get("interactivity_tiers", [])}
-        self.agent_tiers: dict[str, str] = prof.get("agents", {}) or {}
-        self.default_tier: str | None = prof.get("default_tier")
-        self.require_known = bool(prof.get("require_known_agents", False))
-        sess = prof.get("sessions") or {}
-        self.sessions = SessionStore(ttl_s=sess.get("ttl_s", 600.0), max_sessions=sess.get("max_sessions", 1024))
-        predict = bool(prof.get("admission_predict", True))
-        self.gate = TierGate(list(self.tiers.values()), enabled=bool(prof.get("admission_control", True)),
-                             capacity=CapacityModel.for_profile(prof) if predict else None,
-                             margin=float(prof.get("admission_margin", 0.1)),
-                             live=bool(prof.get("admission_live", False)),
-                             plan=str(prof.get("admission_plan", "attainment")),
-                             return_s=float(prof.get("admission_return_s", 0.0)))
+        prof = config.served()
+        self.tiers = {t.name: t for t in prof.interactivity_tiers}
+        self.agent_tiers: dict[str, str] = dict(prof.agents)
+        self.default_tier: str | None = prof.default_tier
+        self.require_known = prof.require_known_agents
+        self.sessions = SessionStore(ttl_s=prof.sessions.ttl_s, max_sessions=prof.sessions.max_sessions)
+        self.gate = TierGate(prof.interactivity_tiers, enabled=prof.admission_control,
+                             capacity=CapacityModel.for_port(prof.server.port) if prof.admission_predict else None,
+                             margin=prof.admission_margin, live=prof.admission_live,
+                             plan=prof.admission_plan, return_s=prof.admission_return_s)
 
     def label(self, agent: str) -> str:
         with self.lock:
@@ -451,7 +443,7 @@ class AgentMiddleware:
                 m["tps"].labels(**lab).observe(tps)
                 if tier:
                     m["tier_tps"].labels(tier=tier).observe(tps)
-                    target = (self.registry.tiers.get(tier) or {}).get("target_tokens_per_s")
+                    target = t.target_tokens_per_s if (t := self.registry.tiers.get(tier)) else None
                     if target:
                         m["tier_finished"].labels(tier=tier).inc()
                         if tps >= target:

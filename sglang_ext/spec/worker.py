@@ -69,7 +69,7 @@ from sglang_ext.tiers.load_report import LoadPublisher, report_path
 from sglang_ext.tiers.pacing import PrefillPacer
 from sglang_ext.spec.step_cost import OnlineSPS
 from sglang_ext.copy.radix_walk import radix_continuation, walkable
-from sglang_ext.config import served_profile
+from sglang_ext import config
 from sglang_ext.copy.suffix_index import SessionIndexRegistry
 from sglang_ext.copy.chooser import CopySurvival, HybridChoice, HybridDecision, pad_block
 from sglang_ext.tiers.policy import TierPolicy, request_tags
@@ -77,8 +77,6 @@ from sglang_ext.tiers.policy import TierPolicy, request_tags
 log = logging.getLogger("agentserve.dspark_worker")
 
 
-def _profile() -> dict[str, Any]:
-    return served_profile()
 
 
 def _maybe_dump_features(batch: ScheduleBatch, hs: torch.Tensor) -> None:
@@ -177,34 +175,33 @@ class AgentSparkWorker(BaseSpecWorker):
         self.drafter: Optional[DSparkDrafter] = None
         self.drafter_error: Optional[str] = None
         self.sps = OnlineSPS.for_model(str(server_args.model_path), str(server_args.dtype))
-        prof = _profile()
-        drafter_prof, session_prof = prof.get("drafter") or {}, prof.get("sessions") or {}
-        self._load_drafter(drafter_prof.get("path") or get_spec().speculative_draft_model_path)
+        prof = config.served()
+        self._load_drafter(prof.drafter.path or get_spec().speculative_draft_model_path)
         # drafter context K/V per request, projected lazily (draft_contexts.py)
         self.contexts: Optional[LazyContexts] = LazyContexts(self.drafter, self.device) if self.drafter is not None else None
         # Radix/session-aware drafting: copied continuations from what the session already holds.
-        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if drafter_prof.get("radix_drafting", True) else None
+        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if prof.drafter.radix_drafting else None
         self.copy_block = self.block if self.drafter is not None else self.max_width - 1
         no_model = None if self.drafter is not None else [0.0] * self.copy_block
         self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
                          for regime in ("greedy", "sampled")}
         self._synced: set[str] = set()
-        self.radix_walk = self.index is not None and bool(drafter_prof.get("radix_tree", True))
+        self.radix_walk = self.index is not None and prof.drafter.radix_tree
         self._keys: dict[str, str] = {}
         # Sessions (agent API): one index per session, dropped after the session's idle TTL.
-        self.session_ttl_s = float(session_prof.get("ttl_s", 600.0))
+        self.session_ttl_s = prof.sessions.ttl_s
         self._session_seen: dict[str, float] = {}
-        self.tier_policy = TierPolicy.from_env()
-        self.scheduler_mode = str(drafter_prof.get("scheduler", "tier_aware"))
+        self.tier_policy = TierPolicy.from_profile(prof)
+        self.scheduler_mode = prof.drafter.scheduler
         # prefills of less important requests wait while they would break a running promise
-        defer_s = float(prof.get("prefill_max_defer_s", 10.0))
-        self.load = LoadPublisher(report_path(prof))  # for predictive admission (load_report.py)
+        defer_s = prof.prefill_max_defer_s
+        self.load = LoadPublisher(report_path(prof.server.port))  # for predictive admission (load_report.py)
         self.pacer: Optional[PrefillPacer] = (
-            PrefillPacer(self.tier_policy, defer_s, float(prof.get("admission_margin", 0.1)),
+            PrefillPacer(self.tier_policy, defer_s, prof.admission_margin,
                          periods=self.load.step_periods, tau=self.load.request_tau,
                          plain_periods=self.load.plain_periods)
             if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
-        self.ragged = bool(drafter_prof.get("ragged_verify", True))
+        self.ragged = prof.drafter.ragged_verify
         self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
 
     # ---- set-up

@@ -57,7 +57,9 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
+
+from agentserve.profile import Tier
 
 from sglang_ext.tiers.load_report import CapacityModel
 
@@ -101,14 +103,13 @@ class Overloaded(Exception):
 
 
 class TierGate:
-    def __init__(self, tiers: list[dict[str, Any]], window_s: float = 60.0, min_attainment: float = 0.95,
+    def __init__(self, tiers: Sequence[Tier], window_s: float = 60.0, min_attainment: float = 0.95,
                  clock: Callable[[], float] = time.monotonic, enabled: bool = True,
                  capacity: Optional[CapacityModel] = None, margin: float = 0.1, live: bool = False,
                  plan: str = "attainment", return_s: float = 0.0) -> None:
         self.enabled = enabled  # off: count and time requests per tier, never hold one back
-        self.tiers = {t["name"]: TierState(t["name"], t.get("target_tokens_per_s"), int(t.get("priority", 0)),
-                                           t.get("max_concurrency"), t.get("on_overload", "queue"),
-                                           float(t.get("queue_timeout_s", 30.0))) for t in tiers}
+        self.tiers = {t.name: TierState(t.name, t.target_tokens_per_s, t.priority, t.max_concurrency,
+                                        t.on_overload, t.queue_timeout_s) for t in tiers}
         self.window_s = window_s
         self.min_attainment = min_attainment
         self.clock = clock

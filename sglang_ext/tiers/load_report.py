@@ -39,13 +39,12 @@ MIN_SAMPLES = 4  # requests (running or finished) before a tier's attainment is 
 PRIOR_SLOPE = 0.2  # f(B) = 1 + slope (B - 1) when no forward cost is known (a 2-core CPU's slope)
 
 
-def report_path(profile: dict[str, Any]) -> Optional[Path]:
+def report_path(port: int) -> Optional[Path]:
     """Where this server's load report lives (None: nowhere to put it, prediction off). One
     file per port, in SGLang's per-run Prometheus directory or AGENTSERVE_LOAD_DIR."""
     base = os.environ.get("AGENTSERVE_LOAD_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not base:
         return None
-    port = (profile.get("server") or {}).get("port", 0)
     return Path(base) / f"agentserve-load-{port}.json"
 
 
@@ -181,9 +180,9 @@ class CapacityModel:
         self._read_at = -1e9
 
     @classmethod
-    def for_profile(cls, profile: dict[str, Any]) -> CapacityModel:
+    def for_port(cls, port: int) -> CapacityModel:
         # SGLang sets PROMETHEUS_MULTIPROC_DIR after our plugin loads: find the file when asked
-        return cls(None, locate=lambda: report_path(profile))
+        return cls(None, locate=lambda: report_path(port))
 
     @classmethod
     def from_report(cls, data: dict[str, Any]) -> CapacityModel:

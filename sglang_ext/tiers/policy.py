@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from sglang_ext.config import served_profile
+from agentserve.profile import Profile
+
 
 MIN_TOKENS = 4  # measure a request's speed only after this many decode tokens
 MAX_LAG = 4.0
@@ -55,11 +56,8 @@ class TierPolicy:
         self.behind: dict[str, int] = {}  # tier -> running requests below target at the last step
 
     @classmethod
-    def from_env(cls) -> TierPolicy:
-        prof = served_profile()
-        tiers = {t["name"]: TierInfo(t.get("target_tokens_per_s"), int(t.get("priority", 0)))
-                 for t in prof.get("interactivity_tiers", [])}
-        return cls(tiers)
+    def from_profile(cls, prof: Profile) -> TierPolicy:
+        return cls({t.name: TierInfo(t.target_tokens_per_s, t.priority) for t in prof.interactivity_tiers})
 
     def forget(self, rid: str) -> None:
         self._start.pop(rid, None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agentserve.cli import main as cli_main
 from agentserve.server.launcher import build_plan
 from agentserve.profile import load_profile, parse_profile
@@ -26,7 +28,7 @@ def test_cpu_demo_plan() -> None:
     assert "--speculative-algorithm" not in a and "--enable-metrics" in a
     assert plan.env["SGLANG_USE_CPU_ENGINE"] == "1" and plan.env["SGLANG_TOOL_STRICT_LEVEL"] == "2"
     assert plan.env["SGLANG_NATIVE_MOVE_KV_CACHE"] == "1"
-    assert json.loads(plan.env["AGENTSERVE_PROFILE_JSON"])["name"] == "cpu-demo"
+    assert json.loads(Path(plan.env["AGENTSERVE_PROFILE"]).read_text())["name"] == "cpu-demo"
     # no real sgl_kernel on this machine: the stand-in is put on the path for the CPU server
     assert "shim" in plan.env.get("PYTHONPATH", "")
 
@@ -35,7 +37,7 @@ def test_speculative_and_gpu_plans() -> None:
     spark = build_plan(load_profile(REPO / "profiles" / "cpu-dspark.yaml"))
     assert flag(spark.argv, "--speculative-algorithm") == "AGENTSPARK"
     assert flag(spark.argv, "--speculative-num-draft-tokens") == "8" and "--disable-overlap-schedule" in spark.argv
-    assert json.loads(spark.env["AGENTSERVE_PROFILE_JSON"])["drafter"]["path"].endswith("drafters/smollm2-135m-dspark")
+    assert json.loads(Path(spark.env["AGENTSERVE_PROFILE"]).read_text())["drafter"]["path"].endswith("drafters/smollm2-135m-dspark")
     # radix drafting walks the radix tree, which only the Python tree core exposes
     assert spark.env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] == "python"
     prof = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
@@ -55,3 +57,33 @@ def test_dry_run_prints_command(capsys) -> None:
     assert cli_main(["launch", "--profile", str(REPO / "profiles" / "cpu-demo.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "sglang.launch_server" in out and "export SGLANG_USE_CPU_ENGINE=1" in out
+
+
+def test_dry_run_prints_a_command_that_serves_the_same_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # The bug: --dry-run left out the variable carrying the profile, so its command served no
+    # tiers and no drafter. Every exported variable must be printed, and the profile file it
+    # names must be the profile launched (port override included).
+    import shlex
+
+    from agentserve.cli import main
+    from sglang_ext import config
+
+    monkeypatch.setenv("AGENTSERVE_CACHE", str(tmp_path))
+    src = REPO / "profiles" / "cpu-dspark.yaml"
+    assert main(["launch", "--profile", str(src), "--port", "31999", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    env = dict(shlex.split(ln[len("export "):])[0].split("=", 1) for ln in lines if ln.startswith("export "))
+    assert set(env) >= {"AGENTSERVE_PROFILE", "SGLANG_USE_CPU_ENGINE"}
+    argv = shlex.split(lines[-1])
+    assert argv[argv.index("--port") + 1] == "31999"
+    monkeypatch.setenv(config.ENV, env["AGENTSERVE_PROFILE"])
+    config.reset()
+    try:
+        served = config.served()
+    finally:
+        config.reset()
+    want = load_profile(src)
+    assert served.server.port == 31999
+    assert served.interactivity_tiers == want.interactivity_tiers and served.interactivity_tiers
+    assert served.drafter == want.drafter and served.drafter.algorithm == "agentspark"

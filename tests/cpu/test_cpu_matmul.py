@@ -101,10 +101,10 @@ def test_linear_hook_sends_few_rows_straight_to_the_original() -> None:
     assert calls == [1] and out.shape == (6, 96)
 
 
-def test_profile_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AGENTSERVE_PROFILE_JSON", json.dumps({"server": {"cpu_matmul": "native"}}))
+def test_profile_switch(serve_profile) -> None:
+    serve_profile({"server": {"cpu_matmul": "native"}})
     assert cm.mode_from_profile() == "native"
-    monkeypatch.setenv("AGENTSERVE_PROFILE_JSON", json.dumps({"server": {}}))
+    serve_profile({"server": {}})
     assert cm.mode_from_profile() == "auto"
 
 

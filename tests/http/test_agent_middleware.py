@@ -52,8 +52,8 @@ def call(mw: AgentMiddleware, method: str, path: str, body: dict | bytes | None 
 
 
 @pytest.fixture()
-def mw(monkeypatch) -> tuple[AgentMiddleware, Backend]:
-    monkeypatch.setenv("AGENTSERVE_PROFILE_JSON", json.dumps(PROFILE))
+def mw(serve_profile) -> tuple[AgentMiddleware, Backend]:
+    serve_profile(PROFILE)
     backend = Backend()
     return AgentMiddleware(backend, AgentRegistry(max_labels=2)), backend
 

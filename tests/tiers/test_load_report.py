@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from agentserve.profile import Tier
+
 from sglang_ext.tiers.admission import Overloaded, TierGate
 from sglang_ext.tiers.load_report import CapacityModel, LoadPublisher, report_path
 
@@ -94,12 +96,12 @@ def test_capacity_model_extrapolates_and_knows_nothing_without_a_report(tmp_path
     assert m.period(8) == pytest.approx(0.05 * (0.04 + 4 * 0.01 / 3) / 0.04)  # forward extrapolated linearly
     assert m.predict("interactive", 4) == pytest.approx(1.5 / 0.05)
     assert m.tau("unknown-tier") == 1.2
-    assert report_path({"server": {"port": 31}}) is None or report_path({"server": {"port": 31}}).name == "agentserve-load-31.json"
+    assert report_path(31) is None or report_path(31).name == "agentserve-load-31.json"
 
 
-TIERS = [{"name": "interactive", "target_tokens_per_s": 20.0, "priority": 0},
+TIERS = [Tier(**t) for t in [{"name": "interactive", "target_tokens_per_s": 20.0, "priority": 0},
          {"name": "standard", "target_tokens_per_s": 10.0, "priority": 1, "on_overload": "queue", "queue_timeout_s": 0.3},
-         {"name": "batch", "priority": 2, "on_overload": "reject"}]
+         {"name": "batch", "priority": 2, "on_overload": "reject"}]]
 
 
 def test_gate_holds_back_what_would_break_a_promise_before_it_breaks() -> None:

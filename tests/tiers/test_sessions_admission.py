@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
+from agentserve.profile import Tier
 import torch
 
 from sglang_ext.tiers.admission import Overloaded, TierGate
@@ -53,9 +55,9 @@ def test_session_lifecycle_expiry_and_limits() -> None:
         store.close(c.id)
 
 
-TIERS = [{"name": "interactive", "target_tokens_per_s": 10.0, "priority": 0, "max_concurrency": 1, "on_overload": "reject"},
+TIERS = [Tier(**t) for t in [{"name": "interactive", "target_tokens_per_s": 10.0, "priority": 0, "max_concurrency": 1, "on_overload": "reject"},
          {"name": "standard", "target_tokens_per_s": 5.0, "priority": 1, "on_overload": "queue", "queue_timeout_s": 0.3},
-         {"name": "batch", "priority": 2}]
+         {"name": "batch", "priority": 2}]]
 
 
 def test_gate_rejects_over_max_concurrency_and_names_the_tier() -> None:
