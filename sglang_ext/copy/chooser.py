@@ -26,12 +26,16 @@ Why this keeps verification lossless
    prior).  It must NOT look at the model's current block (its sampled tokens or the
    confidences computed from them): choosing "model" only when the sampled draft looks good
    would verify a draft drawn from q conditioned on that event, while the acceptance rule
-   assumes q itself -- that is biased (``tests/core/test_suffix_index.py`` shows such a
+   assumes q itself -- that is biased (``tests/copy/test_suffix_index.py`` shows such a
    cheating chooser failing the distribution test).  Given the history, the decision D is
    fixed; conditioned on D either branch emits tokens distributed as the target, so the
    mixture over D does too.
 4. Survival estimates are per sampling regime: acceptance of a deterministic draft is p(x_k),
    which depends on temperature; keep one ``CopySurvival`` per regime (e.g. greedy vs sampled).
+5. Several copy sources (the session's index, the agent's shared index, the radix tree) are
+   each a deterministic function of fixed tokens; picking the one with the highest estimate
+   is a pre-sampling decision too, so 3 covers it (``tests/copy/test_shared_index.py`` runs
+   the sequential loop with three sources).
 """
 
 from __future__ import annotations
@@ -160,7 +164,9 @@ class HybridDecision:
     proposal: Optional[Proposal] = None
     tokens: list[int] = field(default_factory=list)  # copy block (source == "copy")
     confidences: list[float] = field(default_factory=list)  # its c_k for the scheduler
-    origin: str = "index"  # which copy source: "index" (session suffix index) or "radix" (radix tree)
+    # which copy source: "index" (session suffix index), "shared" (cross-session index of the
+    # agent/tier, shared_index.py) or "radix" (radix tree)
+    origin: str = "index"
 
     @property
     def use_copy(self) -> bool:
@@ -194,19 +200,34 @@ class HybridChoice:
     def model_expectation(self, rid: Hashable) -> float:
         return self._model.get(rid, self.prior_expectation)
 
-    def decide(self, rid: Hashable, proposal: Optional[Proposal], origin: str = "index") -> HybridDecision:
-        e_model = self.model_expectation(rid)
-        if proposal is None or not proposal.tokens or proposal.match_len < self.min_match:
-            return HybridDecision("model", 0.0, e_model, origin=origin)
-        toks = proposal.tokens[: self.block_size]
+    def _survival(self, origin: str) -> CopySurvival:
         survival = self.survivals.get(origin)
         if survival is None:
             survival = self.survivals[origin] = CopySurvival(self.survival.max_positions, self.survival.buckets,
                                                              self.survival.prior_strength, self.survival.max_count)
-        conf = survival.estimate(proposal.match_len, len(toks), proposal.agreement)
-        e_copy = expected_accepted(conf)
-        src = "copy" if e_copy > e_model + self.margin else "model"
-        return HybridDecision(src, e_copy, e_model, proposal, list(toks), conf, origin)
+        return survival
+
+    def decide(self, rid: Hashable, proposal: Optional[Proposal], origin: str = "index") -> HybridDecision:
+        """Copy or model for this step.  A proposal's ``alternatives`` (the shared index's next
+        to the session's) are scored too, each with its source's survival estimate; the best
+        copy competes with the model.  Everything scored is fixed before this step samples."""
+        e_model = self.model_expectation(rid)
+        cands = [] if proposal is None else [proposal, *proposal.alternatives]
+        best: Optional[HybridDecision] = None
+        for cand in cands:
+            if not cand.tokens or cand.match_len < self.min_match:
+                continue
+            src = "shared" if origin == "index" and cand.source == "shared" else origin
+            toks = cand.tokens[: self.block_size]
+            conf = self._survival(src).estimate(cand.match_len, len(toks), cand.agreement)
+            e_copy = expected_accepted(conf)
+            if best is None or e_copy > best.expected_copy:
+                best = HybridDecision("copy", e_copy, e_model, cand, list(toks), conf, src)
+        if best is None:
+            return HybridDecision("model", 0.0, e_model, origin=origin)
+        if not best.expected_copy > e_model + self.margin:
+            best.source = "model"
+        return best
 
     def observe_model(self, rid: Hashable, confidences: Sequence[float]) -> None:
         """After a model step: fold the block's expected accepted length into the EMA (it is
@@ -219,8 +240,8 @@ class HybridChoice:
                      rejected: Optional[bool] = None) -> None:
         """After a copy step: teach the survival estimator (verified_len = verify length)."""
         if decision.proposal is not None:
-            self.survivals[decision.origin].observe(decision.proposal.match_len, accepted_count, verified_len,
-                                  decision.proposal.agreement, rejected)
+            self._survival(decision.origin).observe(decision.proposal.match_len, accepted_count, verified_len,
+                                                    decision.proposal.agreement, rejected)
 
     def forget(self, rid: Hashable) -> None:
         self._model.pop(rid, None)

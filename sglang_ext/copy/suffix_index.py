@@ -32,7 +32,7 @@ Not thread-safe (SGLang's scheduler loop is single-threaded).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -49,6 +49,10 @@ class Proposal:
     agreement: list[float] = field(default_factory=list)
     source_pos: int = -1  # absolute stream position of tokens[0]
     extrapolated: int = 0  # trailing tokens continued past the stream end (periodic run)
+    source: str = "session"  # "session" (this session's index) or "shared" (shared_index.py)
+    # other candidates for the same step (the shared index's proposal next to the session's):
+    # HybridChoice scores each with its own survival estimate and keeps the best
+    alternatives: tuple["Proposal", ...] = ()
 
 
 class SessionSuffixIndex:
@@ -213,6 +217,37 @@ class SessionSuffixIndex:
             l = lens[v]
         return (v, l) if v > 0 else (0, 0)
 
+    def matching_lengths(self, seq: Sequence[int]) -> list[int]:
+        """Per position i of ``seq``: the length of the longest suffix of seq[:i+1] occurring
+        anywhere in the stream (matching statistics; what shared_index.py calls covered)."""
+        nx, link, lens = self._nx, self._link, self._len
+        out: list[int] = []
+        v, l = 0, 0
+        for t in seq:
+            t = int(t)
+            while v and t not in nx[v]:
+                v = link[v]
+                l = lens[v]
+            w = nx[v].get(t)
+            if w is None:
+                v, l = 0, 0
+            else:
+                v, l = w, l + 1
+            out.append(l)
+        return out
+
+    def view_tail(self, n: int) -> list[int]:
+        """The last n tokens of the synced conversation view."""
+        return self._view[-n:] if n > 0 else []
+
+    def view_length(self) -> int:
+        """Length of the synced conversation view (absolute: dropped leading tokens count)."""
+        return self._view_off + len(self._view)
+
+    def view(self) -> tuple[int, list[int]]:
+        """(offset, retained view tokens): view() [1] is the conversation from position offset."""
+        return self._view_off, self._view
+
     def propose(self, context: Optional[Sequence[int]], max_len: int, min_match: int = 1) -> Optional[Proposal]:
         """Copy up to min(max_len, max_propose) tokens that followed the most recent earlier
         occurrence of the longest matching suffix of ``context`` (None: the synced view's tail).
@@ -281,10 +316,19 @@ class SessionSuffixIndex:
 
 class SessionIndexRegistry:
     """session_id -> SessionSuffixIndex, with a global cap on indexed tokens and LRU eviction
-    of whole sessions (the session being written is evicted last)."""
+    of whole sessions (the session being written is evicted last).
+
+    With ``shared`` (a scope: "agent", "tier", "global"; default "off"), sessions also feed and
+    read a cross-session index (shared_index.py): ``bind`` names a session's agent and tier,
+    each session's view is learned into its scope at turn boundaries (sync, drop) and every
+    ``flush_every`` generated tokens, and ``propose`` returns the session's proposal with the
+    scope's as an alternative (HybridChoice picks).  ``shared_tokens`` bounds that index."""
 
     def __init__(self, max_total_tokens: int = 262144, max_tokens_per_session: int = 32768,
-                 **index_kwargs: object) -> None:
+                 shared: str = "off", shared_tokens: int = 262144, shared_tokens_per_scope: int = 32768,
+                 flush_every: int = 512, **index_kwargs: object) -> None:
+        from .shared_index import SharedIndexStore, scope_key
+
         self.max_total_tokens = int(max_total_tokens)
         self.max_tokens_per_session = int(min(max_tokens_per_session, max_total_tokens))
         self._kw = index_kwargs
@@ -292,6 +336,37 @@ class SessionIndexRegistry:
         self._sizes: dict[Hashable, int] = {}
         self._total = 0
         self.evictions = 0
+        scope_key(shared, "", "")  # type: ignore[arg-type]  # validates the mode
+        self.shared_mode = shared
+        self._scope_key = scope_key
+        sam = {k: v for k, v in index_kwargs.items() if k in ("max_context", "max_propose")}
+        self.shared = (SharedIndexStore(max_total_tokens=shared_tokens, max_tokens_per_scope=shared_tokens_per_scope, **sam)
+                       if shared != "off" else None)
+        self.flush_every = int(flush_every)
+        self._scope: dict[Hashable, Optional[str]] = {}  # session -> shared scope key (bind)
+        self._flushed: dict[Hashable, int] = {}  # session -> view length already learned into its scope
+
+    def bind(self, session_id: Hashable, agent: str = "", tier: str = "") -> None:
+        """Name the agent and tier a session belongs to (its shared scope)."""
+        if self.shared is not None:
+            self._scope[session_id] = self._scope_key(self.shared_mode, agent, tier)  # type: ignore[arg-type]
+
+    def scope_of(self, session_id: Hashable) -> Optional[str]:
+        if self.shared is None:
+            return None
+        return self._scope.get(session_id, "*" if self.shared_mode == "global" else None)
+
+    def _learn(self, session_id: Hashable, force: bool) -> None:
+        sk = self.scope_of(session_id)
+        idx = self._idx.get(session_id)
+        if sk is None or idx is None or self.shared is None:
+            return
+        off, view = idx.view()
+        done = self._flushed.get(session_id, 0)
+        if off + len(view) - done < (1 if force else self.flush_every):
+            return
+        self.shared.learn(sk, session_id, view, max(0, done - off))
+        self._flushed[session_id] = off + len(view)
 
     def get(self, session_id: Hashable, create: bool = True) -> Optional[SessionSuffixIndex]:
         idx = self._idx.get(session_id)
@@ -321,28 +396,61 @@ class SessionIndexRegistry:
         assert idx is not None
         idx.extend(tokens, view=view)
         self._account(session_id)
+        if view:
+            self._learn(session_id, force=False)
 
     def sync(self, session_id: Hashable, sequence: Sequence[int]) -> int:
         idx = self.get(session_id)
         assert idx is not None
+        self._learn(session_id, force=True)  # the previous turn, whole, before the view moves on
         n = idx.sync(sequence)
         self._account(session_id)
+        if session_id in self._flushed:
+            kept = idx.view_length() - n  # common prefix with the previous view
+            if kept < self._flushed[session_id]:  # the conversation was rewritten: new cursor
+                self._flushed[session_id] = kept
+                sk = self.scope_of(session_id)
+                scope = self.shared.scope(sk, create=False) if self.shared is not None and sk else None
+                if scope is not None:
+                    scope.forget_cursor(session_id)
+        self._learn(session_id, force=True)  # the new prompt (tool outputs) at once
         return n
 
     def propose(self, session_id: Hashable, context: Optional[Sequence[int]], max_len: int,
                 min_match: int = 1) -> Optional[Proposal]:
         idx = self.get(session_id, create=False)
-        return None if idx is None else idx.propose(context, max_len, min_match=min_match)
+        if idx is None:
+            return None
+        p = idx.propose(context, max_len, min_match=min_match)
+        sk = self.scope_of(session_id)
+        if sk is None or self.shared is None:
+            return p
+        ctx = list(context)[-idx.max_context:] if context is not None else idx.view_tail(idx.max_context)
+        sp = self.shared.propose(sk, ctx, max_len, min_match)
+        if sp is None or (p is not None and sp.tokens == p.tokens):
+            return p
+        return sp if p is None else replace(p, alternatives=(sp,))
 
     def drop(self, session_id: Hashable) -> bool:
         if session_id not in self._idx:
             return False
+        self._learn(session_id, force=True)  # what the session taught outlives it
+        sk = self.scope_of(session_id)
+        scope = self.shared.scope(sk, create=False) if self.shared is not None and sk else None
+        if scope is not None:
+            scope.forget_cursor(session_id)
+        self._scope.pop(session_id, None)
+        self._flushed.pop(session_id, None)
         del self._idx[session_id]
         self._total -= self._sizes.pop(session_id)
         return True
 
     def total_tokens(self) -> int:
         return self._total
+
+    def shared_tokens(self) -> int:
+        """Tokens held by the cross-session index (0 when off)."""
+        return 0 if self.shared is None else self.shared.total_tokens()
 
     def sessions(self) -> Iterator[Hashable]:
         """Session ids, least recently used first."""
