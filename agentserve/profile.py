@@ -44,6 +44,9 @@ class DrafterSpec(_Strict):
     # tree: what followed this exact sequence in an earlier request)
     radix_drafting: bool = True
     radix_tree: bool = True
+    # copied drafts across sessions: what earlier sessions of the same agent (or tier, or any
+    # request) read and wrote, in one bounded index per scope (sglang_ext/copy/shared_index.py)
+    shared_index: Literal["agent", "tier", "global", "off"] = "agent"
     # How verify lengths are chosen: "tier_aware" (Algorithm 1 with tier weights and caps),
     # "throughput" (the paper's Algorithm 1 alone), "verify_all" (every draft, no scheduler).
     scheduler: Literal["tier_aware", "throughput", "verify_all"] = "tier_aware"
