@@ -26,7 +26,7 @@ def _cmd_launch(a: argparse.Namespace) -> int:
             print(f"export {k}={shlex.quote(v)}")
         print(shlex.join(plan.argv))
         return 0
-    return launch(prof, a.profile, a.port)
+    return launch(prof, a.profile, a.port, drain_timeout_s=a.drain_timeout)
 
 
 def _cmd_profile_check(a: argparse.Namespace) -> int:
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--profile", default=str(DEFAULT_PROFILE), help="profile YAML (default: profiles/cpu-demo.yaml)")
     lp.add_argument("--port", type=int, default=None, help="override server.port")
     lp.add_argument("--dry-run", action="store_true", help="print the SGLang command and environment, start nothing")
+    lp.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                    help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish before they are aborted (default 30)")
     lp.set_defaults(fn=_cmd_launch)
 
     pp = sub.add_parser("profile", help="profile tools")

@@ -58,10 +58,14 @@ def load() -> None:
         HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch, HookType.BEFORE)
 
 
-def _before_launch(*args: object, **kwargs: object) -> None:
+def _before_launch(*args: object, **kwargs: object) -> tuple | None:
     from sglang.srt.entrypoints import http_server
 
     from sglang_ext.http import middleware as agent_api
 
-    agent_api.install(http_server.app)
-    return None
+    # the agent API (keys, tiers, sessions); it wraps SGLang's warmup so that it passes the keys
+    launch = agent_api.install(http_server.app, args, kwargs)
+    from agentserve.server import drain
+
+    drain.install(http_server.app)  # refuses new work once SIGTERM starts the drain
+    return launch

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +120,29 @@ def served_dir() -> Path:
 
 def write_served(profile: Profile) -> Path:
     """Write the served profile to a file named by its content (so the path printed by
-    --dry-run stays valid, and two servers never share a file that one of them rewrites)."""
+    --dry-run stays valid, and two servers never share a file that one of them rewrites).
+    A cache directory that cannot be written (read-only, full) falls back to the temp
+    directory with a warning: serving must not depend on it."""
     text = profile.model_dump_json(indent=1)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = served_dir() / f"{profile.name}-{profile.server.port}-{digest}.json"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
+    name = f"{profile.name}-{profile.server.port}-{digest}.json"
+    first = served_dir()
+    for base in (first, Path(tempfile.gettempdir()) / "agentserve-served"):
+        path = base / name
+        if path.is_file():
+            return path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text)
+            tmp.replace(path)
+            return path
+        except OSError as e:
+            if base != first:
+                raise
+            print(f"agentserve: warning: cannot write the served profile under {first} ({e}); "
+                  "using the temp directory (set AGENTSERVE_CACHE to a writable directory)", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def check_ready(profile: Profile) -> list[str]:
@@ -146,18 +159,18 @@ def check_ready(profile: Profile) -> list[str]:
     return problems
 
 
-def launch(profile: Profile, profile_path: str | Path | None = None, port: int | None = None) -> int:
+def launch(profile: Profile, profile_path: str | Path | None = None, port: int | None = None,
+           drain_timeout_s: float = 30.0) -> int:
+    """Serve until SIGTERM/SIGINT (drain, then exit 0) or until an SGLang process dies (exit 1
+    naming it); never leaves SGLang processes behind (supervise.py)."""
+    from agentserve.server.supervise import Supervisor
+
     problems = check_ready(profile)
     if problems:
         raise ProfileError(problems, str(profile_path) if profile_path else None)
     plan = build_plan(profile, port)
     env = {**os.environ, **plan.env}
-    print(f"agentserve: starting {shlex.join(plan.argv)}", file=sys.stderr)
-    proc = subprocess.Popen(plan.argv, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        from agentserve.server.procs import kill_tree
-
-        kill_tree(proc.pid)
-        return 130
+    print(f"agentserve: starting {shlex.join(plan.argv)}", file=sys.stderr, flush=True)
+    host = "127.0.0.1" if profile.server.host in ("0.0.0.0", "::") else profile.server.host
+    url = f"http://{host}:{port or profile.server.port}"
+    return Supervisor(plan.argv, env, url, drain_timeout_s=drain_timeout_s).run()

@@ -1,13 +1,14 @@
 """Start a profile's SGLang server as a child process, wait for health, stop it and its children.
 
-Used by `agentserve demo`, the benchmarks and the test fixtures. SGLang's launch_server does
-not exit promptly on SIGTERM and leaves scheduler/detokenizer children, so stopping goes by
-process tree.
+Used by `agentserve demo`, the benchmarks and the test fixtures. Stopping sends SIGTERM to
+SGLang's HTTP process (it drains and stops its scheduler/detokenizer children), then kills
+whatever of the tree is left.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -100,10 +101,28 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             return 0
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_tree(self.proc.pid)
-            self.proc = None
+    def stop(self, graceful_s: float = 20.0) -> None:
+        """SIGTERM to SGLang's HTTP process only: it drains and stops its own children (a
+        signal to the whole tree kills the scheduler first, which SGLang logs as a crash).
+        Whatever is left after `graceful_s` is killed."""
+        if self.proc is None:
+            return
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if graceful_s > 0 and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=graceful_s)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tree(self.proc.pid)
+        for p in tree:  # children orphaned when the HTTP process exited
+            if p.is_running():
+                kill_tree(p.pid, timeout=5.0)
+        self.proc.wait()
+        self.proc = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()

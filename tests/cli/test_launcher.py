@@ -87,3 +87,49 @@ def test_dry_run_prints_a_command_that_serves_the_same_profile(tmp_path: Path, m
     assert served.server.port == 31999
     assert served.interactivity_tiers == want.interactivity_tiers and served.interactivity_tiers
     assert served.drafter == want.drafter and served.drafter.algorithm == "agentspark"
+
+
+def test_served_profile_falls_back_when_the_cache_is_unwritable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # AGENTSERVE_CACHE names a path that cannot be a directory (a file is in the way): the
+    # launch must still get a served profile, with a warning naming the variable.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("AGENTSERVE_CACHE", str(blocker))
+    plan = build_plan(load_profile(REPO / "profiles" / "cpu-demo.yaml"), port=31235)
+    served = Path(plan.env["AGENTSERVE_PROFILE"])
+    assert served.is_file() and not served.is_relative_to(blocker)
+    assert json.loads(served.read_text())["server"]["port"] == 31235
+    assert "AGENTSERVE_CACHE" in capsys.readouterr().err
+
+
+def test_drain_guard_refuses_new_work_only_while_draining() -> None:
+    import asyncio
+
+    from agentserve.server.drain import DrainGuard
+
+    draining = [False]
+    reached: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+
+    async def call(method: str, path: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(msg: dict) -> None:
+            sent.append(msg)
+
+        await DrainGuard(app, lambda: draining[0])({"type": "http", "method": method, "path": path}, None, send)
+        return sent
+
+    assert asyncio.run(call("POST", "/v1/chat/completions")) == [] and reached == ["/v1/chat/completions"]
+    draining[0] = True
+    start, body = asyncio.run(call("POST", "/v1/chat/completions"))
+    assert start["status"] == 503 and (b"retry-after", b"10") in start["headers"]
+    assert json.loads(body["body"])["param"] == "server"
+    assert asyncio.run(call("POST", "/agentserve/v1/sessions"))[0]["status"] == 503
+    # reads, metrics and session closes still pass while draining
+    for method, path in (("GET", "/metrics"), ("GET", "/agentserve/v1/agents"), ("DELETE", "/agentserve/v1/sessions/s")):
+        assert asyncio.run(call(method, path)) == []
+    assert reached[1:] == ["/metrics", "/agentserve/v1/agents", "/agentserve/v1/sessions/s"]
