@@ -38,122 +38,62 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import requests
 from pydantic import ValidationError
 
-from agentserve.bench.serve import REPO, SYSTEMS, load_prompts, parse_list, positive_int, save_figure, scrape, spec_delta
+from agentserve.bench import metrics, report
+from agentserve.bench.args import add_warmup, parse_list, positive_int
+from agentserve.bench.client import RequestRecord, send, warm_up
+from agentserve.bench.prom import scrape, spec_delta
+from agentserve.bench.systems import REPO
+from agentserve.bench.tier_systems import DEFAULT_SYSTEMS, TIER_SYSTEMS, base_system, tier_profile
+from agentserve.bench.tiers_report import plot, print_table
+from agentserve.bench.workload import load_prompts, warmup_prompts
+from agentserve.profile import Tier, load_profile
 from agentserve.server.procs import ServerProcess
-from agentserve.profile import Profile, Tier, load_profile
 
-TIER_SYSTEMS = {  # system -> (drafter system in bench.SYSTEMS, scheduler, admission control)
-    "plain": ("plain", "tier_aware", False),
-    "verify_all": ("hybrid", "verify_all", False),
-    "throughput": ("hybrid", "throughput", False),
-    "tier_aware": ("hybrid", "tier_aware", True),
-    "tier_aware_live": ("hybrid", "tier_aware", True),
-}
-DEFAULT_SYSTEMS = "plain,verify_all,throughput,tier_aware"
+__all__ = ["TIER_SYSTEMS", "tier_profile", "run_level", "summarize", "add_stalls", "read_trace", "out_of_prompts"]
 
 
-MIXED = "+mixed"
-
-
-def _split(system: str) -> tuple[str, dict[str, object]]:
-    """'name[+mixed][@field=value...]' -> ('name[+mixed]', {field: value})."""
-    import yaml
-
-    name, *sets = system.split("@")
-    fields: dict[str, object] = {}
-    for item in sets:
-        key, eq, val = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--systems: '{item}' in '{system}' is not FIELD=VALUE")
-        fields[key] = yaml.safe_load(val)
-    return name, fields
-
-
-def _base_system(system: str) -> str:
-    name = _split(system)[0]
-    return name[: -len(MIXED)] if name.endswith(MIXED) else name
-
-
-def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
-    name = _base_system(system)
-    drafter_sys, sched, admission = TIER_SYSTEMS[name]
-    drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
-    update: dict = {"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
-                    "admission_control": admission, "agents": {}, "admission_live": name == "tier_aware_live"}
-    if _split(system)[0].endswith(MIXED):
-        update["server"] = base.server.model_copy(update={"extra_args": [*base.server.extra_args, "--enable-mixed-chunk"]})
-    prof = base.model_copy(update=update)
-    fields = _split(system)[1]
-    if fields:  # validated like a profile file: a bad field or value names itself
-        data = prof.model_dump()
-        for key, val in fields.items():  # a dotted key sets a nested field: server.chunked_prefill_size=256
-            *path, leaf = key.split(".")
-            node = data
-            for part in path:
-                if not isinstance(node.get(part), dict):
-                    raise ValueError(f"--systems: '{key}' in '{system}': '{part}' is not a profile section")
-                node = node[part]
-            node[leaf] = val
-        prof = Profile.model_validate(data)
-    return prof
-
-
-def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, rid: str | None = None) -> dict:
-    t0 = time.perf_counter()
-    body: dict = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}
-    if rid:
-        body["rid"] = rid
-    r = requests.post(url + "/generate", headers={"x-agent-id": agent, "x-agent-tier": tier}, timeout=1800, json=body)
-    wall = time.perf_counter() - t0
-    if r.status_code in (429, 503):
-        try:  # the gate's error names the tier and why it held the request
-            reason = r.json()["message"]
-        except (ValueError, KeyError, TypeError):
-            reason = r.text[:300]
-        return {"tier": tier, "status": r.status_code, "tokens": 0, "user_tps": None, "wall": wall, "reason": reason}
-    r.raise_for_status()
-    m = r.json()["meta_info"]
-    n, e2e, ttft = int(m["completion_tokens"]), float(m["e2e_latency"]), float(m.get("first_token_latency") or 0)
-    tps = (n - 1) / (e2e - ttft) if n > 1 and e2e > ttft else None
-    return {"tier": tier, "status": 200, "tokens": n, "user_tps": tps, "wall": wall, "tau": m.get("spec_accept_length"),
-            "rid": rid, "decode_s": max(0.0, e2e - ttft)}
+def one_request(url: str, agent: str, tier: str, ids: list[int], max_new: int, rid: str | None = None,
+                labels: dict[str, Any] | None = None) -> RequestRecord:
+    return send(url, ids, max_new, 0.0, headers={"x-agent-id": agent, "x-agent-tier": tier}, rid=rid,
+                labels={**(labels or {}), "tier": tier})
 
 
 def run_level(url: str, conc: int, mix: list[str], prompts: list[list[int]], per_client: int, max_new: int,
-              tag: str = "", duration: float | None = None) -> tuple[list[dict], float]:
+              tag: str = "", duration: float | None = None, labels: dict[str, Any] | None = None
+              ) -> tuple[list[RequestRecord], float]:
     """`prompts`: this level's own conc x per_client prompts (a prompt an earlier level sent
     would be copied from the radix tree, which measures the cache, not the load).
     `duration`: steady load: a client starts no request after this many seconds into the
-    level (per_client is then only the most it may send)."""
-    def client(k: int) -> list[dict]:
+    level (per_client is then only the most it may send). The records' times come back as
+    seconds into the level."""
+    def client(k: int) -> list[RequestRecord]:
         tier = mix[k % len(mix)]
         out = []
         for j in range(per_client):
-            start = time.perf_counter() - t0
-            if duration is not None and start >= duration:
+            if duration is not None and time.perf_counter() - t0 >= duration:
                 break
             ids = prompts[(k * per_client + j) % len(prompts)]
-            out.append(one_request(url, f"client-{k}", tier, ids, max_new, rid=f"{tag}c{conc}-{k}-{j}" if tag else None))
-            out[-1]["start"] = start
-            out[-1]["end"] = time.perf_counter() - t0  # when it finished in the level (each tier's tail)
-            out[-1]["client"] = k
-            if out[-1]["status"] != 200:
+            out.append(one_request(url, f"client-{k}", tier, ids, max_new, rid=f"{tag}c{conc}-{k}-{j}" if tag else None,
+                                   labels={**(labels or {}), "concurrency": conc, "client": k}))
+            if not out[-1].ok:
                 time.sleep(1.0)  # back off as a client told Retry-After would
         return out
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(conc) as ex:
         res = [r for rs in ex.map(client, range(conc)) for r in rs]
-    return res, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    for r in res:  # seconds into the level: the window and each tier's tail are read on this clock
+        r.t_send, r.t_end = r.t_send - t0, r.t_end - t0
+        r.t_first = None if r.t_first is None else r.t_first - t0
+    return res, wall
 
 
 def read_trace(path: Path) -> list[dict]:
@@ -169,7 +109,7 @@ def read_trace(path: Path) -> list[dict]:
     return out
 
 
-def add_stalls(res: list[dict], steps: list[dict]) -> None:
+def add_stalls(res: list[RequestRecord], steps: list[dict]) -> None:
     """Each request's prefill stall: the prefill seconds of the gaps before the decode steps
     it was waiting in (it was in the step before too), and that as a share of its decode time."""
     stall: dict[str, float] = {}
@@ -178,72 +118,52 @@ def add_stalls(res: list[dict], steps: list[dict]) -> None:
             if waited:
                 stall[rid] = stall.get(rid, 0.0) + float(st.get("prefill_s") or 0.0)
     for r in res:
-        if r.get("rid") in stall or (steps and r.get("rid")):
-            r["stall_s"] = stall.get(r["rid"], 0.0)
-            r["stall_share"] = r["stall_s"] / r["decode_s"] if r.get("decode_s") else None
+        if r.rid and (r.rid in stall or steps):
+            decode = r.t_end - r.t_first if r.t_first is not None else None
+            r.extra["stall_s"] = stall.get(r.rid, 0.0)
+            r.extra["stall_share"] = r.extra["stall_s"] / decode if decode else None
 
 
-def first_token(done: list[dict]) -> dict:
-    """Time to first token as the client saw it (admission queue + prefill): mean and p95.
-    What holding requests back for a promise costs shows here, not in per-user tok/s."""
-    xs = sorted(r["wall"] - r["decode_s"] for r in done if r.get("decode_s") is not None and r.get("wall") is not None)
-    if not xs:
-        return {"ttft_mean": None, "ttft_p95": None}
-    return {"ttft_mean": statistics.mean(xs), "ttft_p95": xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]}
+def _stall_share(rs: list[RequestRecord]) -> float | None:
+    return metrics.mean(r.extra.get("stall_share") for r in rs)
 
 
-def window_tokens(res: list[dict], w0: float, w1: float) -> float:
-    """Tokens generated within [w0, w1] s into the level. A request's first token is placed at
-    its time to first token, the rest spread evenly over its decode time (end - decode_s ..
-    end): a request that straddles an edge counts only for its share inside."""
-    total = 0.0
-    for r in res:
-        n = r.get("tokens") or 0
-        if n <= 0 or r.get("end") is None:
-            continue
-        end = r["end"]
-        first = end - (r.get("decode_s") or 0.0)
-        total += 1.0 if w0 <= first <= w1 else 0.0
-        if n > 1 and end > first:
-            total += (n - 1) * max(0.0, min(end, w1) - max(first, w0)) / (end - first)
-        elif n > 1 and w0 <= end <= w1:  # no decode span: all at once
-            total += n - 1
-    return total
+def tier_summary(t: Tier, rs: list[RequestRecord]) -> dict[str, Any]:
+    """One tier's numbers at one level: attainment (completed requests whose decode-only tok/s
+    met the target), latency and time to first token (admission queue + prefill: what holding
+    requests back costs shows here, not in tok/s), stalls, and when its last request finished."""
+    done = [r for r in rs if r.ok and metrics.decode_tps(r) is not None]
+    target = t.target_tokens_per_s
+    met = [r for r in done if target and (metrics.decode_tps(r) or 0) >= target]
+    missed = [r for r in done if target and (metrics.decode_tps(r) or 0) < target]
+    s = metrics.summary(done)
+    return {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
+            "attainment": len(met) / len(done) if target and done else None, "user_tps": s["user_tps"],
+            "e2e_mean": s["e2e_mean"], "e2e_p95": s["e2e_p95"], "ttft_mean": s["ttft_mean"], "ttft_p95": s["ttft_p95"],
+            "stall_share": _stall_share(done), "stall_share_met": _stall_share(met), "stall_share_missed": _stall_share(missed),
+            "done_at": max((r.t_end for r in rs), default=None)}
 
 
-def summarize(system: str, conc: int, res: list[dict], wall: float, spec: dict, tiers: list[Tier],
+def summarize(system: str, conc: int, res: list[RequestRecord], wall: float, spec: dict, tiers: list[Tier],
               window: tuple[float, float] | None = None) -> dict:
-    """`window` (steady load): total tok/s is the tokens generated inside it over its length,
-    and the per-tier numbers are of the requests that finished inside it; the warm-up burst
-    before it and the drain after it (clients stop sending at its end) are left out."""
-    span_tps = sum(r["tokens"] for r in res) / wall
-    row = {"system": system, "concurrency": conc, "span_tps": span_tps, "window": window,
-           "total_tps": window_tokens(res, *window) / (window[1] - window[0]) if window else span_tps,
-           "budget_per_request": spec.get("budget_per_request"), "tiers": {}}
+    """One level of one system (record times in seconds into the level). The headline is over
+    every tier's requests. `window` (steady load): total tok/s is the tokens generated inside
+    it over its length, and latencies and the per-tier numbers are of the requests that
+    finished inside it; the warm-up burst before it and the drain after it are left out."""
     every = res
     if window:
-        res = [r for r in res if r.get("end") is not None and window[0] < r["end"] <= window[1]]
-    for t in tiers:
-        rs = [r for r in res if r["tier"] == t.name]
-        done = [r for r in rs if r["status"] == 200 and r["user_tps"] is not None]
-        att = (sum(1 for r in done if r["user_tps"] >= t.target_tokens_per_s) / len(done)
-               if t.target_tokens_per_s and done else None)
-        def share(rs: list[dict]) -> float | None:
-            xs = [r["stall_share"] for r in rs if r.get("stall_share") is not None]
-            return statistics.mean(xs) if xs else None
-
-        met = [r for r in done if t.target_tokens_per_s and r["user_tps"] >= t.target_tokens_per_s]
-        missed = [r for r in done if t.target_tokens_per_s and r["user_tps"] < t.target_tokens_per_s]
-        row["tiers"][t.name] = {"sent": len(rs), "completed": len(done), "refused": len(rs) - len(done),
-                                "attainment": att, "user_tps": statistics.mean(r["user_tps"] for r in done) if done else None,
-                                "stall_share": share(done), "stall_share_met": share(met), "stall_share_missed": share(missed),
-                                **first_token(done), "done_at": max((r["end"] for r in rs if "end" in r), default=None)}
-    row["requests"] = every  # each request's tier, status, tokens, tok/s, wall and τ (to see which missed)
+        res = [r for r in res if window[0] < r.t_end <= window[1]]
+    head = metrics.summary(res)
+    head["total_tps"] = metrics.summary(every, window)["total_tps"] if window else sum(r.tokens for r in every) / wall
+    row = {"system": system, "concurrency": conc, **head, "span_tps": sum(r.tokens for r in every) / wall,
+           "window": window, "budget_per_request": spec.get("budget_per_request"),
+           "tiers": {t.name: tier_summary(t, [r for r in res if r.labels.get("tier") == t.name]) for t in tiers}}
+    row["requests"] = [r.to_json() for r in every]  # each request's tier, status, tokens, times and τ
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentserve bench --tiers", description=__doc__,
+    ap = argparse.ArgumentParser(prog="agentserve bench tiers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-dspark.yaml"))
     ap.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"from {','.join(TIER_SYSTEMS)}")
@@ -261,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the most each may send); total tok/s counts the tokens generated between --warmup and "
                          "this, per-tier numbers the requests that finished in that window. 0 = fixed request counts")
     ap.add_argument("--warmup", type=float, default=20.0, help="steady load: seconds of the level left out at its start")
+    add_warmup(ap)
     ap.add_argument("--quick", action="store_true", help="levels 1,4 and 1 request per client")
     ap.add_argument("--out", default="bench_out/tiers")
     a = ap.parse_args(argv)
@@ -268,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         a.concurrency, a.requests = "1,4", 1
     systems = [s for s in a.systems.split(",") if s]
     try:
-        bad = [s for s in systems if _base_system(s) not in TIER_SYSTEMS]
+        bad = [s for s in systems if base_system(s) not in TIER_SYSTEMS]
     except ValueError as e:
         ap.error(str(e))
     if bad:
@@ -303,138 +224,52 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     need = 1 + sum(c * a.requests for c in concs)  # one for the warm-up
-    prompts = load_prompts(need, AutoTokenizer.from_pretrained(base.model.path),
-                           max_agent_prompt=a.max_agent_prompt).get(a.domain) or []
+    tok = AutoTokenizer.from_pretrained(base.model.path)
+    prompts = load_prompts(need, tok, max_agent_prompt=a.max_agent_prompt).get(a.domain) or []
     if len(prompts) < need:
         ap.error(f"--domain: {need} distinct '{a.domain}' prompts needed for these levels, {len(prompts)} held out")
     starts = {c: 1 + sum(x * a.requests for x in concs[:i]) for i, c in enumerate(concs)}
-    machine = f"{platform.machine()} {__import__('os').cpu_count()} cores, {base.model.dtype}"
+    warm = warmup_prompts(max(concs), tok, [a.domain], need, a.max_agent_prompt) if a.warmup_s else []
+    machine = report.machine(base.model.dtype)
     rows = []
     for s in systems:
         print(f"system {s} ...", file=sys.stderr)
         trace = out / f"trace-{s}.jsonl"
         trace.unlink(missing_ok=True)
-        env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[_base_system(s)][0] != "plain" else {}
+        env = {"AGENTSERVE_STEP_TRACE": str(trace.resolve())} if TIER_SYSTEMS[base_system(s)][0] != "plain" else {}
         with ServerProcess(profiles[s], log_path=out / f"bench-tiers-{s}.log", extra_env=env) as srv:
             one_request(srv.url, "warmup", tiers[-1].name, prompts[0], 8)
+            warm_up(srv.url, warm, a.warmup_s, max(concs), a.max_new_tokens,
+                    headers={"x-agent-id": "warmup", "x-agent-tier": tiers[-1].name})
             for c in concs:
                 before = scrape(srv.url)
                 level = prompts[starts[c]: starts[c] + c * a.requests]
                 res, wall = run_level(srv.url, c, mix, level, a.requests, a.max_new_tokens, tag=f"{s}-",
-                                      duration=a.duration or None)
+                                      duration=a.duration or None, labels={"system": s})
                 add_stalls(res, read_trace(trace))
                 rows.append(summarize(s, c, res, wall, spec_delta(before, scrape(srv.url)), tiers, window))
                 short = rows[-1]["ran_out"] = out_of_prompts(res, c, a.requests, window)
                 if short:
                     print(f"  warning: clients {short} sent all {a.requests} requests before the window ended "
                           "(the load was not steady): raise --requests", file=sys.stderr)
-                print(f"  {s:19s} c={c:<2d} total tok/s {rows[-1]['total_tps']:6.2f} "
+                print(f"  {s:19s} c={c:<2d} e2e {rows[-1]['e2e_mean'] or 0:6.2f} s, total tok/s {rows[-1]['total_tps']:6.2f} "
                       + " ".join(f"{k}:{v['attainment'] if v['attainment'] is None else round(v['attainment'], 2)}"
                                  for k, v in rows[-1]["tiers"].items()), file=sys.stderr)
-    print_table(rows, tiers, machine)
-    (out / "tiers.json").write_text(json.dumps({"machine": machine, "settings": vars(a), "rows": rows}, indent=1))
+    metrics.add_ratios(rows, ("concurrency",), lambda name: base_system(name) == "plain")
+    print_table(rows, tiers, machine, a.warmup_s)
+    (out / "tiers.json").write_text(json.dumps({"machine": machine, "mode": "warm" if a.warmup_s else "cold",
+                                                "settings": vars(a), "rows": rows}, indent=1))
     for p in plot(rows, tiers, out, machine):
         print(f"wrote {p}", file=sys.stderr)
     return 0
 
 
-def out_of_prompts(res: list[dict], conc: int, per_client: int, window: tuple[float, float] | None) -> list[int]:
+def out_of_prompts(res: list[RequestRecord], conc: int, per_client: int, window: tuple[float, float] | None) -> list[int]:
     """Steady load: the clients that ran out of prompts before the window's end."""
     if not window:
         return []
-    sent = [[r for r in res if r.get("client") == k] for k in range(conc)]
-    return [k for k, rs in enumerate(sent) if len(rs) >= per_client and max(r["end"] for r in rs) < window[1]]
-
-
-def _order(system: str) -> tuple[int, str]:
-    return list(TIER_SYSTEMS).index(_base_system(system)), system
-
-
-def print_table(rows: list[dict], tiers: list[Tier], machine: str) -> None:
-    print(f"\nmachine: {machine}; targets " + ", ".join(f"{t.name} {t.target_tokens_per_s or 'best effort'}" for t in tiers))
-    win = next((r["window"] for r in rows if r.get("window")), None)
-    if win:
-        print(f"steady load: clients send until {win[1]:.0f} s; total tok/s = tokens generated in [{win[0]:.0f}, "
-              f"{win[1]:.0f}] s, per tier = requests finished in it (last column: tok/s over the whole level, warm-up and drain included)")
-    w = max([19] + [len(r["system"]) for r in rows])
-    head = f"{'conc':>4} {'system':{w}} {'total tok/s':>11} {'x plain':>7} {'budget/req':>10}"
-    for t in tiers:
-        head += f" | {t.name[:11]:>11} att  tok/s done ref"
-    print(head + "   (x plain: against the fastest plain system of the run at that concurrency)")
-    plain: dict[int, float] = {}  # the ratio's base: the fastest plain configuration in the run
-    for r in rows:
-        if _base_system(r["system"]) == "plain":
-            plain[r["concurrency"]] = max(plain.get(r["concurrency"], 0.0), r["total_tps"])
-    for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
-        ratio = r["total_tps"] / plain[r["concurrency"]] if plain.get(r["concurrency"]) else None
-        line = (f"{r['concurrency']:>4} {r['system']:{w}} {r['total_tps']:>11.2f} {ratio or 0:>7.2f} "
-                f"{(r['budget_per_request'] or 0):>10.2f}")
-        for t in tiers:
-            v = r["tiers"][t.name]
-            att = "  - " if v["attainment"] is None else f"{v['attainment']:4.0%}"
-            tps = "    -" if v["user_tps"] is None else f"{v['user_tps']:5.1f}"
-            line += f" | {'':>11} {att} {tps} {v['completed']:>4} {v['refused']:>3}"
-        if r.get("window"):
-            line += f" | level {r.get('span_tps') or 0:6.2f}"
-        print(line)
-        if r.get("ran_out"):
-            print(f"     not steady: clients {r['ran_out']} sent all their requests before the window ended")
-    if any(v.get("ttft_mean") is not None for r in rows for v in r["tiers"].values()):
-        print("\ntime to first token, s (admission queue + prefill; mean / p95)")
-        for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
-            line = f"{r['concurrency']:>4} {r['system']:{w}}"
-            for t in tiers:
-                v = r["tiers"][t.name]
-                cell = ("-" if v.get("ttft_mean") is None else f"{v['ttft_mean']:.1f} / {v['ttft_p95']:.1f}")
-                line += f" | {t.name[:11]:>11} {cell:>11}"
-            print(line)
-    print("\nlast request of each tier done at, s into the level (a tier held back finishes in a tail "
-          "at a small batch, which total tok/s pays for); refusals: tier, status after s, the gate's reason")
-    for r in sorted(rows, key=lambda r: (r["concurrency"], _order(r["system"]))):
-        span = max((v.get("done_at") or 0.0) for v in r["tiers"].values())
-        print(f"{r['concurrency']:>4} {r['system']:{w}}"
-              + "".join(f" | {t.name[:11]:>11} {r['tiers'][t.name].get('done_at') or 0:6.0f}" for t in tiers)
-              + f" | of {span:.0f}")
-        for q in r.get("requests", []):
-            if q["status"] != 200:
-                print(f"     {q['tier']} {q['status']} after {q['wall']:.0f} s: {q.get('reason', '?')}")
-    traced = [r for r in rows if any(v.get("stall_share") is not None for v in r["tiers"].values())]
-    if traced:
-        print("\nprefill stalls: share of a request's decode time its stream stood still while others were "
-              "prefilled (all / met target / missed target)")
-        for r in sorted(traced, key=lambda r: (r["concurrency"], _order(r["system"]))):
-            line = f"{r['concurrency']:>4} {r['system']:{w}}"
-            for t in tiers:
-                v = r["tiers"][t.name]
-                cells = [v.get(k) for k in ("stall_share", "stall_share_met", "stall_share_missed")]
-                line += f" | {t.name[:11]:>11} " + " / ".join("  -" if x is None else f"{x:3.0%}" for x in cells)
-            print(line)
-
-
-def plot(rows: list[dict], tiers: list[Tier], out: Path, machine: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    top = tiers[0].name
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for s in systems:
-        rs = sorted((r for r in rows if r["system"] == s), key=lambda r: r["concurrency"])
-        cs = [r["concurrency"] for r in rs]
-        axes[0].plot([r["tiers"][top]["user_tps"] or 0 for r in rs], [r["total_tps"] for r in rs], marker="o", label=s)
-        axes[1].plot(cs, [r["tiers"][top]["attainment"] or 0 for r in rs], marker="o", label=s)
-        axes[2].plot(cs, [r["budget_per_request"] or 0 for r in rs], marker="o", label=s)
-    axes[0].set(xlabel=f"per-user tok/s of '{top}'", ylabel="total tok/s", title="throughput vs per-user speed")
-    axes[1].set(xlabel="concurrency", ylabel=f"'{top}' attainment", ylim=(0, 1.05), title="top-tier attainment")
-    axes[2].set(xlabel="concurrency", ylabel="draft tokens verified per request per step", title="verify budget")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.suptitle(f"interactivity tiers under load — {machine}", fontsize=9)
-    paths.append(save_figure(fig, out / "tiers.png"))
-    return paths
+    sent = [[r for r in res if r.labels.get("client") == k] for k in range(conc)]
+    return [k for k, rs in enumerate(sent) if len(rs) >= per_client and max(r.t_end for r in rs) < window[1]]
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""agentserve bench's workload: every phase gets prompts no earlier phase used."""
+"""agentserve bench's workload and flags: every phase gets prompts no earlier phase used, warm-up
+prompts are none of them, and bad flags are named."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from agentserve.bench import replay as bench_replay
 from agentserve.bench import serve as bench
 from agentserve.bench import tiers as bench_tiers
-from agentserve.bench.serve import phase_slices, prompts_needed
+from agentserve.bench.workload import load_prompts, phase_slices, prompts_needed, warmup_prompts
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_phases_get_disjoint_prompts() -> None:
@@ -22,9 +28,37 @@ def test_phases_get_disjoint_prompts() -> None:
     assert prompts_needed(temps, concs, 2) == len(used) == 2 * (2 + 4 + 8)
 
 
+def test_warmup_prompts_are_none_of_the_measured_ones() -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "smollm2-135m-instruct")
+    measured = load_prompts(6, tok, max_agent_prompt=512)
+    warm = warmup_prompts(4, tok, ["chat", "agent"], held_out=6, max_agent_prompt=512)
+    assert len(warm) == 8
+    seen = {tuple(p) for d in ("chat", "agent") for p in measured[d]}
+    assert not seen & {tuple(p) for p in warm}
+
+
 def test_bench_flags_reject_non_positive_token_limits(capsys) -> None:
     for main in (bench.main, bench_tiers.main):
         with pytest.raises(SystemExit) as e:
             main(["--max-agent-prompt", "0"])
         assert e.value.code == 2
         assert "--max-agent-prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main", [bench.main, bench_replay.main, bench_tiers.main])
+def test_warmup_seconds_must_not_be_negative(main, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--warmup-s", "-1"])
+    assert e.value.code == 2 and "--warmup-s" in capsys.readouterr().err
+
+
+def test_unknown_system_and_domain_are_named(capsys) -> None:
+    for argv, flag in ((["--systems", "plain,fast"], "--systems"), (["--domains", "chat,poetry"], "--domains")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_replay.main(["--source", "nowhere"])
+    assert "--source" in capsys.readouterr().err

@@ -6,12 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from agentserve.bench.serve import spec_delta
+from agentserve.bench.client import RequestRecord
+from agentserve.bench.prom import spec_delta
 from agentserve.bench.tiers import TIER_SYSTEMS, add_stalls, print_table, read_trace, summarize, tier_profile
 from agentserve.server.launcher import build_plan
 from agentserve.profile import Tier, load_profile
 
 REPO = Path(__file__).resolve().parents[2]
+def rec(tier: str, send: float, first: float | None, end: float, tokens: int, status: int = 200, rid: str | None = None,
+        client: int = 0, reason: str | None = None) -> RequestRecord:
+    """A request as run_level returns it: times in seconds into the level."""
+    return RequestRecord(send, first, end, tokens, status=status, rid=rid, reason=reason,
+                         labels={"tier": tier, "client": client})
+
+
 TIERS = [Tier(name="interactive", target_tokens_per_s=8.0, priority=0), Tier(name="standard", target_tokens_per_s=4.0, priority=1),
          Tier(name="batch", priority=2)]
 
@@ -29,28 +37,37 @@ def test_each_system_is_a_valid_profile(system: str) -> None:
 
 
 def test_summary_counts_attainment_and_refusals() -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0, "end": 5.0},
-           {"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 7.0, "wall": 9.0, "decode_s": 6.0, "end": 9.5},
-           {"tier": "standard", "status": 429, "tokens": 0, "user_tps": None, "wall": 0.1, "end": 0.1,
-            "reason": "x-agent-tier: tier 'interactive' is below its target"},
-           {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0}]
+    res = [rec("interactive", 0.0, 1.0, 5.0, 41),  # 40 tokens in 4 s: 10 tok/s, meets 8
+           rec("interactive", 0.5, 3.5, 9.5, 37),  # 36 in 6 s: 6 tok/s, misses
+           rec("standard", 0.0, None, 0.1, 0, status=429, reason="x-agent-tier: tier 'interactive' is below its target"),
+           rec("batch", 0.0, 1.0, 10.0, 10)]
     row = summarize("tier_aware", 4, res, 10.0, {"budget_per_request": 2.5}, TIERS)
-    assert row["total_tps"] == 10.0 and row["budget_per_request"] == 2.5
+    assert row["total_tps"] == 8.8 and row["budget_per_request"] == 2.5
+    assert row["e2e_mean"] == pytest.approx((5.0 + 9.0 + 10.0) / 3) and row["ttft_p95"] == 3.0 and row["refused"] == 1
     assert row["tiers"]["interactive"] == {"sent": 2, "completed": 2, "refused": 0, "attainment": 0.5, "user_tps": 8.0,
+                                           "e2e_mean": 7.0, "e2e_p95": 9.0, "ttft_mean": 2.0, "ttft_p95": 3.0,
                                            "stall_share": None, "stall_share_met": None, "stall_share_missed": None,
-                                           "ttft_mean": 2.0, "ttft_p95": 3.0, "done_at": 9.5}  # waits of 1 s and 3 s
+                                           "done_at": 9.5}  # waits of 1 s and 3 s
     assert row["tiers"]["standard"]["refused"] == 1 and row["tiers"]["standard"]["attainment"] is None
     assert row["tiers"]["batch"]["attainment"] is None and row["tiers"]["batch"]["user_tps"] == 1.0
-    assert row["tiers"]["batch"]["ttft_mean"] is None and row["tiers"]["batch"]["done_at"] is None  # no timings known
+    assert row["requests"][2]["status"] == 429 and row["requests"][0]["user_tps"] == 10.0
 
 
-def test_table_shows_each_tiers_tail_and_why_requests_were_refused(capsys) -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 40, "user_tps": 9.0, "wall": 5.0, "decode_s": 4.0, "end": 5.0},
-           {"tier": "batch", "status": 503, "tokens": 0, "user_tps": None, "wall": 60.0, "end": 61.0,
-            "reason": "x-agent-tier: queued 60 s without capacity"},
-           {"tier": "batch", "status": 200, "tokens": 20, "user_tps": 1.0, "wall": 30.0, "decode_s": 29.0, "end": 91.0}]
-    print_table([summarize("tier_aware", 2, res, 91.0, {}, TIERS)], TIERS, "test machine")
+def test_table_shows_the_headline_each_tiers_tail_and_why_requests_were_refused(capsys) -> None:
+    from agentserve.bench import metrics
+
+    res = [rec("interactive", 0.0, 1.0, 5.0, 40),
+           rec("batch", 1.0, None, 61.0, 0, status=503, reason="x-agent-tier: queued 60 s without capacity"),
+           rec("batch", 61.0, 62.0, 91.0, 20)]
+    rows = [summarize("tier_aware", 2, res, 91.0, {}, TIERS), summarize("plain", 2, res[:1], 91.0, {}, TIERS)]
+    metrics.add_ratios(rows, ("concurrency",))
+    print_table(rows, TIERS, "test machine")
     out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if "e2e s" in line)
+    assert head.split()[:5] == ["concurrency", "system", "e2e", "s", "p95"]  # the headline comes first
+    line = next(line for line in out.splitlines() if line.split()[:2] == ["2", "tier_aware"])
+    assert line.split()[2:4] == ["17.50", "30.00"]  # e2e mean and p95 over the completed requests
+    assert line.split()[4] == "3.50"  # ÷ plain's 5 s
     tail = next(line for line in out.splitlines() if line.startswith("   2 tier_aware") and "of 91" in line)
     assert "interactive      5" in tail and "batch     91" in tail
     assert "batch 503 after 60 s: x-agent-tier: queued 60 s without capacity" in out
@@ -84,12 +101,12 @@ def test_prefill_stalls_from_the_step_trace(tmp_path: Path) -> None:
              {"rids": ["a", "b"], "waited": [True, True], "prefill_s": 0.0},
              {"rids": ["a", "b"], "waited": [True, True], "prefill_s": 0.25}]
     trace.write_text("\n".join(json.dumps(s) for s in steps) + "\n{partial")
-    res = [{"tier": "interactive", "status": 200, "tokens": 30, "user_tps": 9.0, "rid": "a", "decode_s": 3.0},
-           {"tier": "interactive", "status": 200, "tokens": 30, "user_tps": 7.0, "rid": "b", "decode_s": 1.0},
-           {"tier": "batch", "status": 200, "tokens": 30, "user_tps": 7.0, "rid": "c", "decode_s": 1.0}]
+    res = [rec("interactive", 0.0, 1.0, 4.0, 30, rid="a"),  # 29 tokens in 3 s: 9.7 tok/s, meets 8
+           rec("interactive", 0.0, 1.0, 2.0, 5, rid="b"),  # 4 in 1 s: misses
+           rec("batch", 0.0, 1.0, 2.0, 30, rid="c")]
     add_stalls(res, read_trace(trace))
-    assert [r["stall_s"] for r in res] == [0.75, 0.25, 0.0]
-    assert res[0]["stall_share"] == 0.25 and res[1]["stall_share"] == 0.25
+    assert [r.extra["stall_s"] for r in res] == [0.75, 0.25, 0.0]
+    assert res[0].extra["stall_share"] == 0.25 and res[1].extra["stall_share"] == 0.25
     row = summarize("tier_aware", 2, res, 10.0, {}, TIERS)
     assert row["tiers"]["interactive"]["stall_share_met"] == 0.25 and row["tiers"]["interactive"]["stall_share_missed"] == 0.25
     assert read_trace(tmp_path / "none.jsonl") == []
@@ -124,55 +141,42 @@ def test_field_suffix_sets_a_profile_field_with_validation() -> None:
         tier_profile(base, "tier_aware@admission_margin.x=1", TIERS)
 
 
-def test_window_counts_each_requests_share_of_its_tokens_inside() -> None:
-    from agentserve.bench.tiers import window_tokens
-
-    # first token at end - decode_s, the other n-1 spread evenly up to end
-    a = {"tokens": 11, "end": 20.0, "decode_s": 10.0}  # first token at 10, 10 more over [10, 20]
-    b = {"tokens": 5, "end": 4.0, "decode_s": 4.0}  # wholly before the window
-    c = {"tokens": 0, "end": 15.0, "status": 503}
-    assert window_tokens([a, b, c], 10.0, 20.0) == 11.0
-    assert window_tokens([a, b, c], 15.0, 30.0) == 5.0  # half the decode, not the first token
-    assert window_tokens([a, b, c], 0.0, 12.0) == 1.0 + 2.0 + 5.0
-    assert window_tokens([{"tokens": 3, "end": 5.0, "decode_s": 0.0}], 0.0, 10.0) == 3.0  # no decode span
-
-
 def test_steady_window_leaves_out_warmup_and_drain() -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 9.0, "wall": 6.0, "decode_s": 5.0,
-            "start": 0.0, "end": 6.0, "client": 0},  # finished in the warm-up
-           {"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 5.0, "wall": 6.0, "decode_s": 5.0,
-            "start": 6.0, "end": 12.0, "client": 0},
-           {"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 20.0, "wall": 6.0, "decode_s": 5.0,
-            "start": 12.0, "end": 18.0, "client": 0}]  # finished in the drain
+    res = [rec("interactive", 0.0, 1.0, 6.0, 11),  # finished in the warm-up
+           rec("interactive", 6.0, 7.0, 12.0, 11),  # 2 tok/s: misses 8
+           rec("interactive", 12.0, 13.0, 18.0, 11)]  # finished in the drain
     row = summarize("plain", 1, res, 18.0, {}, TIERS, window=(7.0, 15.0))
     assert row["span_tps"] == 33 / 18.0
     # none of the first, all 11 of the second, 1 + 10*(2/5) of the third, over 8 s
     assert row["total_tps"] == pytest.approx((11.0 + 5.0) / 8.0)
     v = row["tiers"]["interactive"]
-    assert v["completed"] == 1 and v["attainment"] == 0.0 and v["user_tps"] == 5.0
+    assert v["completed"] == 1 and v["attainment"] == 0.0 and v["user_tps"] == 2.0
+    assert row["e2e_mean"] == 6.0 and row["n"] == 1  # latencies of the requests finished inside
     assert len(row["requests"]) == 3  # all kept for the json
 
 
 def test_a_client_out_of_prompts_before_the_window_ends_is_named() -> None:
     from agentserve.bench.tiers import out_of_prompts
 
-    res = [{"client": 0, "end": 5.0}, {"client": 0, "end": 9.0}, {"client": 1, "end": 8.0}, {"client": 1, "end": 14.0}]
+    res = [rec("x", 0.0, 1.0, 5.0, 2, client=0), rec("x", 5.0, 6.0, 9.0, 2, client=0), rec("x", 0.0, 1.0, 8.0, 2, client=1),
+           rec("x", 8.0, 9.0, 14.0, 2, client=1)]
     assert out_of_prompts(res, 2, 2, (2.0, 10.0)) == [0]
     assert out_of_prompts(res, 2, 3, (2.0, 10.0)) == []
     assert out_of_prompts(res, 2, 2, None) == []
 
 
 def test_table_names_the_steady_window(capsys) -> None:
-    res = [{"tier": "interactive", "status": 200, "tokens": 11, "user_tps": 9.0, "wall": 6.0, "decode_s": 5.0,
-            "start": 4.0, "end": 10.0, "client": 0}]
+    res = [rec("interactive", 4.0, 5.0, 10.0, 46)]  # 45 tokens in 5 s after the first: 9 tok/s
     print_table([summarize("plain", 1, res, 12.0, {}, TIERS, window=(2.0, 12.0))], TIERS, "test machine")
     out = capsys.readouterr().out
     assert "tokens generated in [2, 12] s" in out
+    head = next(l for l in out.splitlines() if l.split()[:2] == ["1", "plain"])
+    assert head.split()[1:4] == ["plain", "6.00", "6.00"] and head.split()[8] == "4.60"  # e2e, p95; 46 tokens / 10 s
+    assert head.rstrip().endswith("3.83")  # level: 46 tokens over the whole 12 s
     line = next(l for l in out.splitlines() if l.startswith("   1 plain"))
-    assert line.split()[2] == "1.10" and line.rstrip().endswith("level   0.92")
-    assert "| " + " " * 11 + " 100%   9.0    1   0 |" in line  # attainment, tok/s, done, refused
+    assert "| " + " " * 11 + " 100%   9.0    1   0 |" in line + " |"  # attainment, tok/s, done, refused
     assert "not steady" not in out
     row = summarize("plain", 1, res, 12.0, {}, TIERS, window=(2.0, 12.0))
     row["ran_out"] = [0]
     print_table([row], TIERS, "test machine")
-    assert "not steady: clients [0] sent all their requests" in capsys.readouterr().out
+    assert "not steady: c=1 plain: clients [0] sent all their requests" in capsys.readouterr().out

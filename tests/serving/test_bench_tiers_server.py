@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from agentserve.bench.tiers import out_of_prompts, run_level, summarize, window_tokens
+from agentserve.bench.metrics import window_tokens
+from agentserve.bench.tiers import out_of_prompts, run_level, summarize
 from agentserve.profile import Tier
 
 pytestmark = pytest.mark.server
@@ -18,16 +19,19 @@ def test_steady_load_stops_sending_at_the_deadline(plain_server) -> None:
     duration = 2.5
     res, wall = run_level(plain_server.url, 2, ["standard"], prompts, 30, 4, tag=f"steady{time.time_ns()}-",
                           duration=duration)
-    assert all(r["status"] == 200 for r in res)
-    assert all(r["start"] < duration for r in res)  # none sent after the deadline
-    per_client = [sum(1 for r in res if r["client"] == k) for k in range(2)]
+    assert all(r.ok for r in res)
+    assert all(r.t_send < duration for r in res)  # none sent after the deadline (times are seconds into the level)
+    # the streaming client saw each request's first token between sending it and its end
+    assert all(r.t_send < r.t_first <= r.t_end and r.tokens >= 1 for r in res)
+    per_client = [sum(1 for r in res if r.labels["client"] == k) for k in range(2)]
     assert min(per_client) >= 2 and max(per_client) < 30, per_client  # the deadline ended it, not the cap
     assert out_of_prompts(res, 2, 30, (0.5, duration)) == []
-    assert max(r["end"] for r in res) > duration  # the last ones drained after it
-    tokens = sum(r["tokens"] for r in res)
+    assert max(r.t_end for r in res) > duration  # the last ones drained after it
+    tokens = sum(r.tokens for r in res)
     inside = window_tokens(res, 0.5, duration)
     assert 0 < inside < tokens  # the warm-up and the drain are left out
     row = summarize("plain", 2, res, wall, {}, [Tier(name="standard", target_tokens_per_s=5.0, priority=0)],
                     window=(0.5, duration))
     assert row["total_tps"] == pytest.approx(inside / (duration - 0.5))
-    assert row["tiers"]["standard"]["completed"] == sum(1 for r in res if 0.5 < r["end"] <= duration)
+    assert row["tiers"]["standard"]["completed"] == sum(1 for r in res if 0.5 < r.t_end <= duration)
+    assert row["e2e_mean"] is not None and row["ttft_mean"] is not None

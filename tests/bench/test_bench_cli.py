@@ -1,0 +1,74 @@
+"""`agentserve bench serve|replay|tiers` and the old spellings, and that no bench module needs
+another to be imported first (no import cycles)."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import agentserve.bench
+from agentserve.bench.cli import SUBCOMMANDS, main, resolve
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["serve", "--quick"], ("serve", ["--quick"])),
+    (["replay", "--turns", "2"], ("replay", ["--turns", "2"])),
+    (["tiers", "--quick"], ("tiers", ["--quick"])),
+    (["--tiers", "--quick"], ("tiers", ["--quick"])),  # the old spellings
+    (["--quick", "--replay"], ("replay", ["--quick"])),
+    (["--quick", "--systems", "plain"], ("serve", ["--quick", "--systems", "plain"])),
+    ([], ("serve", [])),
+])
+def test_subcommands_and_aliases(argv: list[str], expect: tuple[str, list[str]]) -> None:
+    assert resolve(argv) == expect
+
+
+def test_each_subcommand_has_its_own_help(capsys) -> None:
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"agentserve bench {name}" in out and "--warmup-s" in out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+def test_the_agentserve_cli_routes_bench_here() -> None:
+    from agentserve.cli import _PLUGGABLE
+
+    assert dict((n, m) for n, m, _ in _PLUGGABLE)["bench"] == "agentserve.bench.cli"
+
+
+def test_every_bench_module_imports_alone() -> None:
+    """A cycle shows as an ImportError when a module of the cycle is the first one imported."""
+    mods = [m.name for m in pkgutil.iter_modules(agentserve.bench.__path__)]
+    assert {"client", "metrics", "report", "serve", "replay", "tiers", "cli"} <= set(mods)
+    code = ("import importlib, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    for k in [k for k in sys.modules if k.startswith('agentserve.bench')]:\n"
+            "        del sys.modules[k]\n"
+            "    importlib.import_module('agentserve.bench.' + m)\n")
+    r = subprocess.run([sys.executable, "-c", code, *mods], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_no_bench_module_imports_a_bench_entry_point() -> None:
+    """Shared helpers live in their own modules: serve, replay and tiers import none of each other."""
+    import ast
+
+    entry = {"serve", "replay", "tiers", "cli"}
+    for name in entry | {"client", "metrics", "report", "workload", "prom", "systems", "args", "tier_systems", "tiers_report"}:
+        tree = ast.parse((REPO / "agentserve" / "bench" / f"{name}.py").read_text())
+        imported = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                    and n.module.startswith("agentserve.bench.")}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "agentserve.bench"
+                     for a in n.names}
+        assert not imported & (entry - {name}), (name, imported & entry)
