@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands whose modules own their own argparse (they take the remaining argv).
 _PLUGGABLE: list[tuple[str, str, str]] = [
-    ("bench", "agentserve.bench.serve", "benchmark serving systems on the same prompts (ratios vs plain, JSON, PNG)"),
+    ("bench", "agentserve.bench.cli", "benchmark serving systems: serve | replay | tiers (latency, TTFT, throughput vs plain)"),
     ("train-draft", "sglang_ext.dspark.train", "train a DSpark drafter for a target model (CPU or GPU)"),
     ("console", "console.app", "the live operator console (Textual)"),
 ]
