@@ -66,6 +66,9 @@ class DSparkConfig:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    # FR-Spec style truncated draft vocabulary: the LM head and the Markov output cover the K most
+    # frequent target tokens (the checkpoint's `d2t` map); 0 = the full vocabulary.
+    draft_vocab_size: int = 0
     # Unknown keys from the file are kept so a load/save round trip is lossless.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -132,6 +135,9 @@ class DSparkConfig:
             raise bad("enable_confidence_head", "a boolean")
         if not isinstance(self.confidence_head_with_markov, bool):
             raise bad("confidence_head_with_markov", "a boolean")
+        if (not isinstance(self.draft_vocab_size, int) or isinstance(self.draft_vocab_size, bool)
+                or not 0 <= self.draft_vocab_size <= self.vocab_size):
+            raise bad("draft_vocab_size", f"an integer in [0, vocab_size={self.vocab_size}] (0 = full vocabulary)")
         if self.hidden_act != "silu":
             raise bad("hidden_act", "'silu'")
         return self
@@ -171,6 +177,8 @@ class DSparkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if not d["draft_vocab_size"]:
+            del d["draft_vocab_size"]  # full vocabulary: the file stays as DeepSpec writes it
         out = dict(self.extra)
         out.update(d)
         # Also write the nested spelling that published DSpark drafts use.

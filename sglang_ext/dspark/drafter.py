@@ -148,8 +148,8 @@ class MarkovHead(nn.Module):
         v, r, d = cfg.vocab_size, cfg.markov_rank, cfg.hidden_size
         self.kind = cfg.markov_head_type
         self.rank = r
-        self.markov_w1 = nn.Embedding(v, r)
-        self.markov_w2 = nn.Linear(r, v, bias=False)
+        self.markov_w1 = nn.Embedding(v, r)  # indexed by full-vocabulary previous tokens
+        self.markov_w2 = nn.Linear(r, cfg.draft_vocab_size or v, bias=False)  # over the draft vocabulary
         if self.kind == "gated":
             self.gate_proj = nn.Linear(d + r, r)
         elif self.kind == "rnn":
@@ -298,6 +298,34 @@ class DSparkDrafter(nn.Module):
         # a checkpoint that carries them (DeepSeek's releases) registers owned copies instead.
         self._shared: dict[str, torch.Tensor] = {}
         self.calibration = None  # Optional[calibration.STSCalibration]
+        if cfg.draft_vocab_size:
+            # FR-Spec: draft index -> target token id (saved in the checkpoint as `d2t`)
+            self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size, dtype=torch.long))
+        self._head_cache: Optional[tuple[object, torch.Tensor]] = None
+
+    @property
+    def token_map(self) -> Optional[torch.Tensor]:
+        return self._buffers.get("d2t")
+
+    def set_token_map(self, d2t: torch.Tensor) -> None:
+        """Install the draft vocabulary: K distinct target token ids (K = config.draft_vocab_size)."""
+        k = self.config.draft_vocab_size
+        d2t = torch.as_tensor(d2t, dtype=torch.long).reshape(-1)
+        if not k or d2t.numel() != k or d2t.unique().numel() != k:
+            raise DSparkConfigError(f"token map must hold {k} distinct ids (config draft_vocab_size), got {d2t.numel()}")
+        if int(d2t.min()) < 0 or int(d2t.max()) >= self.config.vocab_size:
+            raise DSparkConfigError(f"token map ids must lie in [0, vocab_size={self.config.vocab_size})")
+        self.d2t.copy_(d2t.to(self.d2t.device))
+        self._head_cache = None
+
+    def to_draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids -> draft indices (-1 where a token is outside the draft vocabulary)."""
+        tm = self.token_map
+        if tm is None:
+            return ids
+        t2d = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=tm.device)
+        t2d[tm] = torch.arange(tm.numel(), device=tm.device)
+        return t2d[ids.to(tm.device).long()]
 
     # ---- shared embedding / LM head
     def attach_shared(self, embed_weight: torch.Tensor, lm_head_weight: Optional[torch.Tensor] = None) -> None:
@@ -346,8 +374,21 @@ class DSparkDrafter(nn.Module):
         w = self.embed_weight
         return F.embedding(ids.to(w.device), w).to(device=self.device, dtype=self.dtype)
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def draft_head_weight(self) -> torch.Tensor:
+        """The LM head rows of the draft vocabulary (all rows without a token map)."""
         w = self.lm_head_weight
+        tm = self.token_map
+        if tm is None:
+            return w
+        # cached by the map's version: the slice is re-taken only after set_token_map / load
+        key = (tm._version, w.data_ptr(), str(tm.device))
+        if self._head_cache is None or self._head_cache[0] != key:
+            self._head_cache = (key, w[tm.to(w.device)].contiguous())
+        return self._head_cache[1]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Base logits over the draft vocabulary ([..., K] with a token map, else [..., V])."""
+        w = self.draft_head_weight()
         # the measured bf16/fp32 kernel choice on CPUs (plain F.linear elsewhere and in training)
         return fast_linear(hidden.to(w.dtype), w.to(hidden.device) if w.device != hidden.device else w)
 
@@ -496,6 +537,7 @@ class DSparkDrafter(nn.Module):
         bs: BlockSample = sample_block_sequential(
             base, hidden, first_prev, sampling,
             self.markov_head.step if use_sequential_head else None, generator, gumbel=gumbel,
+            token_map=self.token_map, token_map_vocab=self.config.vocab_size,
         )
         conf_logit = self.confidence_logits(hidden, bs.prev_tokens)
         conf_raw = conf_cal = None
@@ -520,7 +562,8 @@ class DSparkDrafter(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in self.state_dict().items()}
         if include_shared:
             sd["embed_tokens.weight"] = self.embed_weight.detach().to("cpu", dtype).contiguous()
             sd["lm_head.weight"] = self.lm_head_weight.detach().to("cpu", dtype).contiguous()
@@ -570,7 +613,8 @@ class DSparkDrafter(nn.Module):
                 mod.weight.requires_grad_(False)
                 mod.to(device=self.device, dtype=dt)
                 self.add_module(mod_name, mod)
-        self.load_state_dict({k: v.to(dt) for k, v in sd.items()}, strict=True)
+        self.load_state_dict({k: v.to(dt) if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+        self._head_cache = None
 
     @classmethod
     def from_pretrained(

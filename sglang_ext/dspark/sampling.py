@@ -152,6 +152,8 @@ def sample_block_sequential(
     generator: Optional[torch.Generator] = None,
     init_state: Optional[torch.Tensor] = None,
     gumbel: Optional[dict[int, torch.Tensor]] = None,
+    token_map: Optional[torch.Tensor] = None,
+    token_map_vocab: int = 0,
 ) -> BlockSample:
     """Left-to-right sampling p_k(v) = softmax(U_k(v) + B_k(x_{<k}, v)) processed by `params`.
 
@@ -159,11 +161,17 @@ def sample_block_sequential(
     parallel (DFlash-style) sampling. `gumbel` {row: noise [g, V]}: those rows draw slot k as
     argmax log p_k + noise[k] (a seeded request's keyed draw, seeded_sampling.py) instead of
     from the generator.
+    `token_map` [K] (a truncated draft vocabulary): base logits and biases are over K draft
+    tokens; tokens come back as full-vocabulary ids and q_probs / logits over the full
+    vocabulary of size `token_map_vocab`, zero (resp. -inf) outside the draft vocabulary, so
+    verification treats an undraftable token as q = 0 and stays lossless.
     """
     r, g, v = base_logits.shape
+    vf = v if token_map is None else int(token_map_vocab)
     tokens = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
-    q = torch.empty(r, g, v, dtype=torch.float32, device=base_logits.device)
-    all_logits = torch.empty(r, g, v, dtype=torch.float32, device=base_logits.device)
+    q = torch.zeros(r, g, vf, dtype=torch.float32, device=base_logits.device)
+    all_logits = torch.full((r, g, vf), float("-inf"), dtype=torch.float32, device=base_logits.device)
+    tm = None if token_map is None else token_map.to(base_logits.device).long()
     prevs = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
     prev = anchors.long()
     state = init_state
@@ -177,10 +185,16 @@ def sample_block_sequential(
         probs = process_logits(logits_k, params)
         x = probs.argmax(-1) if all_greedy else sample_from_probs(probs, generator)
         for i, noise in (gumbel or {}).items():
-            x[i] = torch.argmax(probs[i].double().log().cpu() + noise[k]).to(x.device)
+            nz = noise[k] if tm is None else noise[k][tm.cpu()]
+            x[i] = torch.argmax(probs[i].double().log().cpu() + nz).to(x.device)
+        if tm is None:
+            q[:, k] = probs
+            all_logits[:, k] = logits_k
+        else:
+            x = tm[x]
+            q[:, k].index_copy_(1, tm, probs)
+            all_logits[:, k].index_copy_(1, tm, logits_k)
         tokens[:, k] = x
-        q[:, k] = probs
-        all_logits[:, k] = logits_k
         prevs[:, k] = prev
         prev = x
     return BlockSample(tokens=tokens, q_probs=q, logits=all_logits, prev_tokens=prevs)

@@ -56,8 +56,10 @@ class ToyWorld:
 
 
 def run_loop(world: ToyWorld, params: SamplingParams, n_tokens: int, start: int, *,
-             deterministic: bool, scheduler: str, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Generate n_tokens for every request; returns tokens [R, n_tokens]."""
+             deterministic: bool, scheduler: str, batch: int, gen: torch.Generator,
+             token_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Generate n_tokens for every request; returns tokens [R, n_tokens].  With `token_map` the
+    drafter is truncated (FR-Spec): it drafts only those tokens, q = 0 elsewhere."""
     r = len(params)
     out = [[] for _ in range(r)]
     last = torch.full((r,), start, dtype=torch.long)
@@ -70,9 +72,11 @@ def run_loop(world: ToyWorld, params: SamplingParams, n_tokens: int, start: int,
             q = None
             prev = torch.cat([last[:, None], toks[:, :-1]], 1)
         else:
-            base = world.u[None].expand(r, G, V)
+            tm = torch.arange(V) if token_map is None else token_map
+            base = world.u[None, :, tm].expand(r, G, len(tm))
             blk = sample_block_sequential(base, torch.zeros(r, G, 1), last, params,
-                                          lambda pv, h, s: (world.b[pv], s), gen)
+                                          lambda pv, h, s: (world.b[pv][:, tm], s), gen,
+                                          token_map=token_map, token_map_vocab=V)
             toks, q, prev = blk.tokens, blk.q_probs, blk.prev_tokens
         conf = torch.sigmoid(world.conf_w[prev] + world.conf_b[None])
         lens = torch.empty(r, dtype=torch.long)
@@ -93,23 +97,29 @@ def run_loop(world: ToyWorld, params: SamplingParams, n_tokens: int, start: int,
     return torch.tensor([o[:n_tokens] for o in out])
 
 
+# a truncated draft vocabulary that leaves out the target's likeliest tokens from some states
+TRUNC = torch.tensor([0, 2, 3, 5, 6])
+
+
 @pytest.mark.parametrize(
-    "deterministic,scheduler,temp,top_p,top_k",
+    "deterministic,scheduler,temp,top_p,top_k,truncated",
     [
-        (False, "alg1", 1.0, 1.0, -1),
-        (False, "async", 0.8, 0.9, 5),
-        (True, "alg1", 1.0, 1.0, -1),
-        (False, "full", 1.3, 1.0, 3),
+        (False, "alg1", 1.0, 1.0, -1, False),
+        (False, "async", 0.8, 0.9, 5, False),
+        (True, "alg1", 1.0, 1.0, -1, False),
+        (False, "full", 1.3, 1.0, 3, False),
+        (False, "alg1", 1.0, 1.0, -1, True),
+        (False, "full", 0.8, 0.9, 5, True),
     ],
 )
 def test_sampled_distribution_equals_target(deterministic: bool, scheduler: str, temp: float,
-                                            top_p: float, top_k: int) -> None:
+                                            top_p: float, top_k: int, truncated: bool) -> None:
     world = ToyWorld(1)
     n = 30000
     params = SamplingParams.make(temp, top_p, top_k, n=n)
     gen = torch.Generator().manual_seed(123)
     toks = run_loop(world, params, 2, start=3, deterministic=deterministic,
-                    scheduler=scheduler, batch=4, gen=gen)
+                    scheduler=scheduler, batch=4, gen=gen, token_map=TRUNC if truncated else None)
     joint = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
     expected = world.exact_joint(3, params, 2).double()
     chi2, crit = chi2_sf_ok(joint, expected, 1e-4)
@@ -140,9 +150,25 @@ def test_greedy_equals_plain_greedy() -> None:
     r = 64
     params = SamplingParams.make(0.0, n=r)
     gen = torch.Generator().manual_seed(0)
-    for det in (False, True):
-        toks = run_loop(world, params, 12, start=5, deterministic=det, scheduler="alg1", batch=4, gen=gen)
+    for det, tm in ((False, None), (True, None), (False, TRUNC)):
+        toks = run_loop(world, params, 12, start=5, deterministic=det, scheduler="alg1", batch=4, gen=gen,
+                        token_map=tm)
         ref = [5]
         for _ in range(12):
             ref.append(int(world.t_logits[ref[-1]].argmax()))
         assert (toks == torch.tensor(ref[1:])[None]).all()
+
+
+def test_truncated_draft_never_proposes_outside_its_vocabulary() -> None:
+    world = ToyWorld(3)
+    r = 2000
+    params = SamplingParams.make(1.0, n=r)
+    base = world.u[None, :, TRUNC].expand(r, G, len(TRUNC))
+    blk = sample_block_sequential(base, torch.zeros(r, G, 1), torch.full((r,), 1), params,
+                                  lambda pv, h, s: (world.b[pv][:, TRUNC], s), torch.Generator().manual_seed(0),
+                                  token_map=TRUNC, token_map_vocab=V)
+    assert bool(torch.isin(blk.tokens, TRUNC).all())
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[TRUNC] = False
+    assert float(blk.q_probs[..., outside].abs().sum()) == 0.0
+    assert torch.allclose(blk.q_probs.sum(-1), torch.ones(r, G))
