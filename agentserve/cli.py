@@ -99,6 +99,7 @@ _PLUGGABLE: list[tuple[str, str, str]] = [
     ("train-draft", "sglang_ext.dspark.train", "train a DSpark drafter for a target model (CPU or GPU)"),
     ("corpus", "sglang_ext.dspark.corpus", "build the self-distilled drafter corpus through the real server (resumable)"),
     ("console", "console.app", "the live operator console (Textual)"),
+    ("soak", "agentserve.soak", "load/soak test: simulated agents on loopback, accounting of every request, JSON + PNG"),
 ]
 
 
