@@ -117,7 +117,8 @@ class Supervisor:
         except psutil.NoSuchProcess:
             kids = []
         for p in kids:
-            if p.pid not in self.known and _alive(p):
+            # a new process gets its sglang:: title only after its imports: look again until then
+            if _alive(p) and not self.known.get(p.pid, (p, ""))[1].startswith("sglang::"):
                 self.known[p.pid] = (p, proc_title(p))
         if self.stop_asked_at is not None or self.died:
             return
