@@ -85,19 +85,55 @@ class ServerSpec(_Strict):
     extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
 
 
+# A best-effort tier (no target) keeps at least this share of the admissions of the last window
+# unless its profile says otherwise: promised tiers come first, but no tier starves.
+BEST_EFFORT_MIN_SHARE = 0.05
+
+
 class Tier(_Strict):
+    """An interactivity tier: what a request of it is promised, and how it is admitted.
+
+    The only tier type: the admission gate (sglang_ext/tiers/admission.py) and the scheduler's
+    tier policy (sglang_ext/tiers/policy.py) wrap it with runtime state and read its fields."""
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     target_tokens_per_s: float | None = Field(default=None, gt=0, description="promised decode speed per user; null = best effort")
+    # The wait counts too: a request meets its tier's promise only if its first token came within
+    # this many seconds of its arrival (admission queue included) AND it decoded at the target speed.
+    target_ttft_s: float | None = Field(default=None, gt=0, description="promised time to first token, queue wait included")
     priority: int = Field(default=0, ge=0, description="0 is served first")
     max_concurrency: int | None = Field(default=None, gt=0)
     on_overload: Literal["queue", "reject"] = "queue"
     queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait in the admission queue before a 503")
+    # Starve no one: while the tier has requests waiting and its share of the admissions of the
+    # last window is below this, its next request starts whatever more important tiers need.
+    # null: BEST_EFFORT_MIN_SHARE for a best-effort tier, 0 for a promised one.
+    min_share: float | None = Field(default=None, ge=0, lt=1, description="least share of admissions kept for this tier")
 
-    @field_validator("target_tokens_per_s", "queue_timeout_s", mode="before")
+    @field_validator("target_tokens_per_s", "target_ttft_s", "queue_timeout_s", "min_share", mode="before")
     @classmethod
     def _int_ok(cls, v: Any) -> Any:
         # YAML writes 20 as an int; strict mode would refuse it for a float field.
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @property
+    def promised(self) -> bool:
+        return self.target_tokens_per_s is not None or self.target_ttft_s is not None
+
+    @property
+    def share_floor(self) -> float:
+        if self.min_share is not None:
+            return self.min_share
+        return 0.0 if self.promised else BEST_EFFORT_MIN_SHARE
+
+    def met(self, tokens_per_s: float | None, ttft_s: float | None) -> bool | None:
+        """Did a finished request keep this tier's promise? None: the tier promises nothing, or
+        nothing it promises was measured. A promise that was set but not measured counts as missed."""
+        if not self.promised or (tokens_per_s is None and ttft_s is None):
+            return None
+        speed_ok = self.target_tokens_per_s is None or (tokens_per_s is not None and tokens_per_s >= self.target_tokens_per_s)
+        wait_ok = self.target_ttft_s is None or (ttft_s is not None and ttft_s <= self.target_ttft_s)
+        return speed_ok and wait_ok
 
 
 class SessionSpec(_Strict):
@@ -111,6 +147,36 @@ class SessionSpec(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class AgentSpec(_Strict):
+    """An agent the profile knows. Written as a bare tier name (`planner: interactive`) or a mapping."""
+
+    tier: str | None = Field(default=None, description="the agent's tier when a request names none")
+    # Tiers the agent may ask for with x-agent-tier (checked when keys are configured). null: its
+    # own tier (or the default tier) and every less important one.
+    tiers: list[str] | None = None
+    # The agent's API key, read from this environment variable when the server starts (never
+    # written in the profile). Clients send it as `Authorization: Bearer <key>`.
+    key_env: str | None = Field(default=None, pattern=ENV_NAME)
+
+
+class AuthSpec(_Strict):
+    """Where the API keys are. With none configured the server is open (and logs so at start-up)."""
+
+    # A YAML file `{admin: <key>, agents: {<agent id>: <key>}}`, relative to the profile; keep it
+    # out of version control and readable by the server's user only.
+    keys_file: str | None = None
+    # The admin key (for /metrics, /agentserve/v1/agents, session listing and SGLang's other
+    # endpoints), read from this environment variable at start-up.
+    admin_key_env: str | None = Field(default=None, pattern=ENV_NAME)
+
+    @property
+    def configured(self) -> bool:
+        return self.keys_file is not None or self.admin_key_env is not None
+
+
 class Profile(_Strict):
     name: str = Field(min_length=1)
     model: ModelSpec
@@ -118,9 +184,10 @@ class Profile(_Strict):
     server: ServerSpec = Field(default_factory=ServerSpec)
     interactivity_tiers: list[Tier] = Field(default_factory=list)
     default_tier: str | None = None
-    agents: dict[str, str] = Field(default_factory=dict, description="agent id -> tier name")
+    agents: dict[str, AgentSpec] = Field(default_factory=dict, description="agent id -> its tier (or an AgentSpec)")
     # true: only the agent ids listed in `agents` may generate (others get 403 naming x-agent-id)
     require_known_agents: bool = False
+    auth: AuthSpec = Field(default_factory=AuthSpec)
     sessions: SessionSpec = Field(default_factory=SessionSpec)
     # Tier admission (queue/reject when promised tiers cannot be met); off: tiers only label
     # requests and weight the scheduler (benchmarks compare both).
@@ -129,18 +196,6 @@ class Profile(_Strict):
     # τ predict a promised tier would fall below (1 + margin) x its target (admission.py rule c).
     admission_predict: bool = True
     admission_margin: float = Field(default=0.1, ge=0, le=1, description="headroom over a tier's target")
-    # Rule (b) from the worker's live view of the running requests (true), or from the
-    # attainment of requests finished in the last minute (false, default: the live view let
-    # lower tiers in sooner and their prefills broke promises, see README Measured).
-    admission_live: bool = False
-    # Rule (c) for more important tiers: "attainment" predicts the share of the tier's requests
-    # (running and its last 16 finished, each at its own τ) that keep the target at B+1;
-    # "drain" (experimental) also holds the batch down to what the tier's answers need;
-    # "slowest" plans on the slowest running request (admission.py)
-    admission_plan: Literal["attainment", "drain", "slowest"] = "attainment"
-    # Experimental: a promised tier's finished request keeps its place this long (an agent's
-    # next turn follows after its tool call); 0 = off (default: measured no gain, admission.py)
-    admission_return_s: float = Field(default=0.0, ge=0, description="seconds a finished promised request's place is kept")
     # Prefill pacing (agentspark, tier_aware scheduler): the waiting queue is prefilled most
     # important tier first, and a prefill waits while its stall and the larger batch after it
     # would put a running promised request below its target: after this many seconds only for
@@ -148,6 +203,13 @@ class Profile(_Strict):
     prefill_max_defer_s: float = Field(
         default=10.0, ge=0,
         description="seconds after which a held prefill waits only for an answer already decoding; 3x this at most (0: off)")
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _bare_tier(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: {"tier": a} if isinstance(a, str) else a for k, a in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> Profile:
@@ -160,9 +222,12 @@ class Profile(_Strict):
             raise ValueError(f"interactivity_tiers: duplicate tier name(s) {dupes}")
         if self.default_tier is not None and self.default_tier not in names:
             raise ValueError(f"default_tier: '{self.default_tier}' is not one of the interactivity_tiers {names}")
-        for agent, tier in self.agents.items():
-            if tier not in names:
-                raise ValueError(f"agents.{agent}: tier '{tier}' is not one of the interactivity_tiers {names}")
+        for agent, spec in self.agents.items():
+            for where, tier in [("tier", spec.tier)] + [(f"tiers[{i}]", t) for i, t in enumerate(spec.tiers or [])]:
+                if tier is not None and tier not in names:
+                    raise ValueError(f"agents.{agent}.{where}: tier '{tier}' is not one of the interactivity_tiers {names}")
+            if spec.tier is not None and spec.tiers is not None and spec.tier not in spec.tiers:
+                raise ValueError(f"agents.{agent}.tiers: must include the agent's own tier '{spec.tier}'")
         return self
 
     # Paths in a profile are relative to the profile file, so a profile can be run from anywhere.
@@ -178,17 +243,29 @@ class Profile(_Strict):
             tmpl = res(tmpl)
         model = self.model.model_copy(update={"path": res(self.model.path), "chat_template": tmpl})
         drafter = self.drafter.model_copy(update={"path": res(self.drafter.path)})
-        return self.model_copy(update={"model": model, "drafter": drafter})
+        auth = self.auth.model_copy(update={"keys_file": res(self.auth.keys_file)})
+        return self.model_copy(update={"model": model, "drafter": drafter, "auth": auth})
 
     def tier_for(self, agent_id: str | None = None, requested: str | None = None) -> Tier | None:
-        """Tier of a request: an explicit request wins, then the agent's mapping, then the default."""
+        """The one tier resolver: an explicit request wins, then the agent's own tier, then the
+        profile's default. An unknown name raises UnknownTier (a ProfileError naming it)."""
         by_name = {t.name: t for t in self.interactivity_tiers}
-        for name in (requested, self.agents.get(agent_id or ""), self.default_tier):
+        spec = self.agents.get(agent_id or "")
+        for name in (requested, spec.tier if spec else None, self.default_tier):
             if name:
                 if name not in by_name:
-                    raise ProfileError([f"tier: unknown tier '{name}' (known: {sorted(by_name)})"])
+                    raise UnknownTier(name, sorted(by_name))
                 return by_name[name]
         return None
+
+    def allowed_tiers(self, agent_id: str) -> set[str]:
+        """Tiers an agent may ask for: its `tiers`, else its own (or the default) tier and every
+        less important one (all tiers when it has neither)."""
+        spec = self.agents.get(agent_id)
+        if spec is not None and spec.tiers is not None:
+            return set(spec.tiers)
+        own = self.tier_for(agent_id)
+        return {t.name for t in self.interactivity_tiers if own is None or t.priority >= own.priority}
 
 
 class ProfileError(ValueError):
@@ -199,6 +276,12 @@ class ProfileError(ValueError):
         self.source = source
         head = f"invalid profile {source}" if source else "invalid profile"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class UnknownTier(ProfileError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        super().__init__([f"tier: unknown tier '{name}' (known: {known})"])
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

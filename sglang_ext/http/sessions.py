@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from sglang_ext.http.errors import HttpError
+
 
 @dataclass
 class Session:
@@ -41,10 +43,8 @@ class Session:
                 "requests": self.requests}
 
 
-class SessionError(Exception):
-    def __init__(self, status: int, param: str, message: str):
-        super().__init__(message)
-        self.status, self.param, self.message = status, param, message
+class SessionError(HttpError):
+    pass
 
 
 class SessionStore:
@@ -85,19 +85,25 @@ class SessionStore:
                                f"after {self.ttl_s:g} s without a request; open a new one with POST /agentserve/v1/sessions)")
         return s
 
+    def owned(self, sid: str, agent_id: Optional[str]) -> Session:
+        """The session, if `agent_id` owns it (None: the admin, who may see any)."""
+        s = self.get(sid)
+        if agent_id is not None and s.agent_id != agent_id:
+            # not who it belongs to: another agent's ids are not for this caller to learn
+            raise SessionError(403, "x-session-id", f"x-session-id: session '{sid}' belongs to another agent, "
+                               f"not '{agent_id}'")
+        return s
+
     def use(self, sid: str, agent_id: str) -> Session:
         """A request through the session: it must belong to the same agent; renews the TTL."""
-        s = self.get(sid)
-        if s.agent_id != agent_id:
-            raise SessionError(403, "x-session-id", f"x-session-id: session '{sid}' belongs to agent '{s.agent_id}', "
-                               f"not '{agent_id}'")
+        s = self.owned(sid, agent_id)
         with self._lock:
             s.last_used = self.clock()
             s.requests += 1
         return s
 
-    def close(self, sid: str) -> Session:
-        s = self.get(sid)
+    def close(self, sid: str, agent_id: Optional[str] = None) -> Session:
+        s = self.owned(sid, agent_id)
         with self._lock:
             self._s.pop(sid, None)
         return s

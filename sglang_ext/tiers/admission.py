@@ -1,60 +1,47 @@
 """Admission control per interactivity tier (HTTP process, in front of SGLang).
 
+A tier's promise (profile `Tier`): decode at `target_tokens_per_s` and/or a first token within
+`target_ttft_s` of arrival, the wait in this gate's queue included. A finished request counts
+as met only if every promise its tier makes held (`Tier.met`); a tier's attainment is the share
+of its requests finished in the last `window_s` seconds (at most the last 16) that met it.
+
 A request of tier T starts when
-  (a) T has no `max_concurrency`, or fewer than that many of its requests are running; and
-  (b) no more important tier (smaller `priority`) with a target speed has running requests
-      while its recent attainment — the share of its requests finished in the last
-      `window_s` seconds (at most the last 16) whose per-user tok/s met the target — is below
-      `min_attainment` (0.95). With `live` (profile admission_live) the rule looks at the
-      running streams instead: a more important tier has a running request below its target
-      now, as the scheduler measures each running request's decode speed (load report,
-      tier-aware scheduling; the look-back applies when no report came in the last 2 s).
-      The live rule lets lower tiers back in as soon as the promised streams are on target;
-      measured at 8 clients it did worse (40 % interactive attainment, total 0.77x plain,
-      against 90 % and 0.89x looking back, same run): their prefills then stall the
-      promised streams. So it is off by default.
+  (a) T has no `max_concurrency`, or fewer than that many of its requests are running;
+  (a') T's own load keeps its promise: a promised tier learns how many of its requests can run
+      at once and still meet it (additive increase while they meet, a quarter less when one
+      misses what the server controls: its decode speed or its time to first token after
+      admission). A miss with one request of T running is not T's own load, and forgets the
+      limit. So 32 agents in one tier queue (or are refused, per `on_overload`) instead of
+      all slowing below the target together;
+  (b) no more important tier with a promise has running requests while its attainment is
+      below `min_attainment` (0.95): lower tiers stop adding load instead of everyone slowing
+      down (on a compute-bound server every extra request slows every running one);
   (c) predictive (when the scheduler publishes its load report, load_report.py): admitting
-      one more request, B+1 running, keeps the predicted speed τ_U / period(B+1) of every
-      running tier U with a target more important than T at or above (1 + margin) x U's
-      target; and for T itself (when it has a target), if T's promise holds at the current
-      load, τ_T / period(B) >= target, it must still hold at B+1. A promise already broken
-      at the current load is not served by holding T's own requests back (this machine
-      cannot give T its speed even now; more important tiers still hold lower ones back).
-      A request of T is also admitted when less important requests are running: those stop
-      being admitted and drain, so a promised tier never waits behind best-effort work.
-      With `plan: attainment` (profile admission_plan, the default) a more important tier U
-      is judged by the share of its requests predicted at (1 + margin) x target, over its
-      running requests and its last 16 finished ones (each at its own τ / period(B)): T waits
-      when that share at B+1 would fall below both 95 % and the share at B. So T is not held
-      back for a request that misses at any batch size (its text does not draft; the machine
-      cannot give it the speed anyway), and it is held back when the running requests all copy
-      well but the tier's recent answers say the next ones will not. With `drain`
-      (experimental) a tier U as important as T or more waits T when U's share at B+1 would
-      fall below 95 % and below the share U keeps once everything less important drains
-      (U's and more important tiers' requests, without T's new one): a promised tier whose
-      answers need a small batch gets one, and a second request of it waits too. With
-      `slowest` U's speed is planned on its slowest running request's τ. Each falls back to
-      the mean-τ prediction until a tier has 4 known requests.
-      A more important promised tier counts with its queued requests, and (experimental,
-      profile admission_return_s, default 0) with its requests that finished in the last
-      `return_s` seconds and were not yet followed by a new one: an agent's next turn comes back
-      after its tool call, and a request let in meanwhile is prefilled into the middle of it.
-      Measured at 8 clients on agent turns, `drain` with a 1 s return window did worse than
-      the default (60 % interactive attainment, 0.87x plain, against 75 % and 1.00x, one run):
-      the promised tier ran alone at small batches while lower tiers waited, and its misses
-      were prefills of its own second client and answers no batch size saves.
+      one more request, B+1 running, keeps every more important promised tier U: the share of
+      U's requests predicted at (1 + margin) x its speed target (its running requests and its
+      last 16 finished ones, each at its own τ / period(B)) must not fall below both 95 % and
+      the share at B (U's queued requests count as running). Until U has 4 known requests its
+      mean τ must keep (1 + margin) x target at B+1. T itself, when its promise holds at the
+      current load, must keep it at B+1 (a promise already broken at this load is not served
+      by holding T's own requests back); a request of T is also admitted while less important
+      requests run: those stop being admitted and drain.
+Starve no one: while T's share of the admissions of the last `window_s` seconds is below its
+`Tier.share_floor` (profile `min_share`; 5 % for a best-effort tier by default, 0 for a
+promised one), rules (b) and (c) do not hold T back, so every tier finishes requests in every
+window however loaded the promised tiers are.
+
 Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
-waits, in (priority, arrival) order, until (a) and (b) hold, at most `queue_timeout_s`, then
-answers 503. Both errors name the tier and the reason, so a client knows what to back off on.
-Rule (c) acts before a promise is broken, rule (b) after; (b) is also what keeps promises: when the top tier misses its target, lower tiers stop
-adding load instead of everyone slowing down; on a compute-bound server every extra
-request slows every running one.
+waits until the rules hold, at most `queue_timeout_s`, then answers 503. The queue is served
+most important tier first and, within a tier, most urgent first (earliest arrival +
+target_ttft_s, else arrival + queue_timeout_s). A request that waited past its tier's
+target_ttft_s still runs, and counts as missed. Both errors name the tier and the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -64,36 +51,46 @@ from agentserve.profile import Tier
 from sglang_ext.tiers.load_report import CapacityModel
 
 RECENT = 16
+DECREASE = 0.75  # a miss under own load: the learned concurrency limit shrinks by a quarter
 
 
 @dataclass
 class TierState:
-    name: str
-    target: Optional[float]
-    priority: int
-    max_concurrency: Optional[int]
-    on_overload: str
-    queue_timeout_s: float
+    """Runtime state of one profile Tier (its settings are read from `tier`, never copied)."""
+
+    tier: Tier
     running: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"admitted": 0, "queued": 0, "rejected": 0, "timed_out": 0})
-    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))  # (t_end, tok/s)
-    pending: collections.deque = field(default_factory=collections.deque)  # end times of requests expected back
+    counts: dict[str, int] = field(default_factory=lambda: {"admitted": 0, "queued": 0, "rejected": 0, "timed_out": 0,
+                                                            "held_by_own_load": 0, "late": 0})
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))  # (t_end, met)
+    starts: collections.deque = field(default_factory=collections.deque)  # admission times in the window
+    limit: Optional[float] = None  # learned concurrency that keeps the promise (None: not limited)
 
-    def returning(self, now: float, window_s: float) -> int:
-        """Requests expected back: ended in the last `window_s` and not yet followed by a new start
-        of the tier (an agent's next turn follows its last one after a tool call)."""
-        while self.pending and now - self.pending[0] > window_s:
-            self.pending.popleft()
-        return len(self.pending)
+    @property
+    def name(self) -> str:
+        return self.tier.name
 
-    def present(self, now: float, window_s: float) -> int:
-        return self.running + self.returning(now, window_s)
+    @property
+    def priority(self) -> int:
+        return self.tier.priority
 
     def attainment(self, now: float, window_s: float) -> Optional[float]:
-        xs = [tps for t, tps in self.recent if now - t <= window_s]
-        if self.target is None or not xs:
+        xs = [met for t, met in self.recent if now - t <= window_s]
+        if not self.tier.promised or not xs:
             return None
-        return sum(1 for x in xs if x >= self.target) / len(xs)
+        return sum(xs) / len(xs)
+
+    def learn(self, met_service: Optional[bool], running: int) -> None:
+        """AIMD on the tier's own concurrency, from a finished request's service (wait excluded)."""
+        if met_service is None:
+            return
+        if met_service:
+            if self.limit is not None:
+                self.limit += 1.0 / max(1.0, self.limit)
+        elif running <= 1:
+            self.limit = None  # alone and still missing: holding its own requests back gives nothing
+        else:
+            self.limit = max(1.0, math.floor(min(self.limit or running, running) * DECREASE))
 
 
 class Overloaded(Exception):
@@ -102,97 +99,121 @@ class Overloaded(Exception):
         self.status, self.tier, self.message, self.retry_after = status, tier, message, retry_after
 
 
+@dataclass(order=True)
+class _Waiter:
+    priority: int
+    deadline: float
+    seq: int
+    tier: str = field(compare=False)
+
+
 class TierGate:
     def __init__(self, tiers: Sequence[Tier], window_s: float = 60.0, min_attainment: float = 0.95,
                  clock: Callable[[], float] = time.monotonic, enabled: bool = True,
-                 capacity: Optional[CapacityModel] = None, margin: float = 0.1, live: bool = False,
-                 plan: str = "attainment", return_s: float = 0.0) -> None:
+                 capacity: Optional[CapacityModel] = None, margin: float = 0.1) -> None:
         self.enabled = enabled  # off: count and time requests per tier, never hold one back
-        self.tiers = {t.name: TierState(t.name, t.target_tokens_per_s, t.priority, t.max_concurrency,
-                                        t.on_overload, t.queue_timeout_s) for t in tiers}
+        self.tiers = {t.name: TierState(t) for t in tiers}
         self.window_s = window_s
         self.min_attainment = min_attainment
         self.clock = clock
-        self.capacity, self.margin, self.live = capacity, margin, live
-        self.plan = plan  # rule (c) for more important tiers: "attainment" or "slowest"
-        self.return_s = return_s  # a promised tier's finished request holds its place this long
-        self._waiters: list[tuple[int, int, str]] = []  # (priority, seq, tier)
+        self.capacity, self.margin = capacity, margin
+        self._waiters: list[_Waiter] = []
         self._seq = 0
         self._cond: Optional[asyncio.Condition] = None
+
+    # --- the rules -------------------------------------------------------------------------
+    def share(self, t: TierState, now: float) -> Optional[float]:
+        """T's share of the admissions of the last window (None: nobody was admitted)."""
+        total = 0
+        for u in self.tiers.values():
+            while u.starts and now - u.starts[0] > self.window_s:
+                u.starts.popleft()
+            total += len(u.starts)
+        return len(t.starts) / total if total else None
+
+    def starving(self, t: TierState, now: float) -> bool:
+        floor = t.tier.share_floor
+        if floor <= 0:
+            return False
+        s = self.share(t, now)
+        return s is None or s < floor
+
+    def own_load(self, t: TierState) -> Optional[str]:
+        if t.limit is not None and t.running >= t.limit:
+            return (f"tier '{t.name}' has {t.running} running requests, as many as keep its promise now "
+                    f"(learned limit {t.limit:.1f})")
+        return None
 
     def blocked_by(self, tier: str) -> Optional[str]:
         """Why a request of `tier` cannot start now (None: it can)."""
         t = self.tiers[tier]
-        if t.max_concurrency is not None and t.running >= t.max_concurrency:
-            return f"tier '{tier}' has {t.running} running requests (max_concurrency {t.max_concurrency})"
+        mc = t.tier.max_concurrency
+        if mc is not None and t.running >= mc:
+            return f"tier '{tier}' has {t.running} running requests (max_concurrency {mc})"
+        own = self.own_load(t)
+        if own is not None:
+            return own
         now = self.clock()
+        if self.starving(t, now):
+            return None  # its minimum share: more important tiers do not hold it back now
         for u in self.tiers.values():
-            if u.priority < t.priority and u.target is not None and u.present(now, self.return_s) > 0:
-                live = self.capacity.behind(u.name) if self.capacity is not None and self.live else None
-                if live is not None:
-                    if live > 0:
-                        return (f"tier '{u.name}' has {live} running request(s) below its {u.target:g} tok/s target; "
-                                f"tier '{tier}' waits for it")
-                    continue
+            if u.priority < t.priority and u.tier.promised and u.running > 0:
                 att = u.attainment(now, self.window_s)
                 if att is not None and att < self.min_attainment:
-                    return (f"tier '{u.name}' is below its {u.target:g} tok/s target (attainment {att:.0%}); "
-                            f"tier '{tier}' waits for it")
-        return self._predicted_miss(t, now)
+                    return f"tier '{u.name}' is below its promise (attainment {att:.0%}); tier '{tier}' waits for it"
+        return self._predicted_miss(t)
 
-    def _predicted_miss(self, t: TierState, now: float) -> Optional[str]:
+    def _predicted_miss(self, t: TierState) -> Optional[str]:
         if self.capacity is None:
             return None
-        # a more important promised tier counts with its queued and returning requests: their
-        # place is kept (an agent's next turn comes back after a tool call)
-        waiting = collections.Counter(w[2] for w in self._waiters)
-        count = {u.name: u.present(now, self.return_s) + waiting[u.name]
-                 if u.priority < t.priority and u.target is not None else u.running for u in self.tiers.values()}
+        # a more important promised tier counts with its queued requests: their place is kept
+        waiting = collections.Counter(w.tier for w in self._waiters)
+        count = {u.name: u.running + waiting[u.name] if u.priority < t.priority and u.tier.target_tokens_per_s
+                 else u.running for u in self.tiers.values()}
         running = sum(count.values())
         if running == 0:
             return None  # an idle server always takes the request
         b = running + 1
         less_important_running = any(u.priority > t.priority and u.running > 0 for u in self.tiers.values())
         for u in sorted(self.tiers.values(), key=lambda u: u.priority):
-            if u.priority > t.priority or u.target is None or (count[u.name] == 0 and u is not t):
+            target = u.tier.target_tokens_per_s
+            if u.priority > t.priority or target is None or (count[u.name] == 0 and u is not t):
                 continue
-            need = (1 + self.margin) * u.target
-            ref = None  # the batch size u's predicted share at B+1 is compared with
-            if self.plan == "drain":  # what u keeps once everything less important drains, without T's request
-                ref = max(1, sum(c for v, c in count.items() if self.tiers[v].priority <= u.priority))
-            elif self.plan == "attainment" and u.priority < t.priority:
-                ref = running  # the load now
-            if ref is not None:
-                next_att, ref_att = self.capacity.attainment(u.name, b, need), self.capacity.attainment(u.name, ref, need)
+            need = (1 + self.margin) * target
+            if u.priority < t.priority:  # the share of u's requests kept at B+1 against B
+                next_att, ref_att = self.capacity.attainment(u.name, b, need), self.capacity.attainment(u.name, running, need)
                 if next_att is not None and ref_att is not None:
                     if next_att < min(self.min_attainment, ref_att):
                         return (f"tier '{u.name}' is predicted to keep {next_att:.0%} of its requests at its "
-                                f"{u.target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
-                                f"against {ref_att:.0%} with {ref}")
+                                f"{target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
+                                f"against {ref_att:.0%} with {running}")
                     continue  # the tier keeps >= 95 %, or holding T back would not raise its share
             if u.priority == t.priority:
                 if less_important_running:
                     continue  # they drain: rule (c) holds their tiers back while u misses
                 now_pred = self.capacity.predict(u.name, running)
-                if now_pred is None or now_pred < u.target:
+                if now_pred is None or now_pred < target:
                     continue  # already below target at this load: holding u back does not keep it
             pred = self.capacity.predict(u.name, b)
             if pred is not None and pred < need:
                 return (f"tier '{u.name}' is predicted at {pred:.1f} tok/s per user with {b} requests running, "
-                        f"below its {u.target:g} tok/s target (+{self.margin:.0%} margin)")
+                        f"below its {target:g} tok/s target (+{self.margin:.0%} margin)")
         return None
 
-    def _first_startable(self) -> Optional[tuple[int, int, str]]:
+    # --- the queue -------------------------------------------------------------------------
+    def _first_startable(self) -> Optional[_Waiter]:
         for w in sorted(self._waiters):
-            if self.blocked_by(w[2]) is None:
+            if self.blocked_by(w.tier) is None:
                 return w
         return None
 
     def _start(self, t: TierState) -> None:
         t.running += 1
         t.counts["admitted"] += 1
-        if t.pending:
-            t.pending.popleft()  # the return it was waiting for
+        t.starts.append(self.clock())
+
+    def _deadline(self, t: TierState, arrived: float) -> float:
+        return arrived + (t.tier.target_ttft_s if t.tier.target_ttft_s is not None else t.tier.queue_timeout_s)
 
     async def admit(self, tier: Optional[str]) -> bool:
         """Return when the request may start (it then counts as running until release());
@@ -205,48 +226,57 @@ class TierGate:
             return False
         if self._cond is None:
             self._cond = asyncio.Condition()
+        arrived = time.monotonic()  # real time, whatever clock ages attainment
         async with self._cond:
             reason = self.blocked_by(tier)
-            ahead = any(p <= t.priority for p, _, _ in self._waiters)
+            me = _Waiter(t.priority, self._deadline(t, arrived), self._seq + 1, tier)
+            ahead = any(w < me for w in self._waiters) and not self.starving(t, self.clock())
             if reason is None and not ahead:
                 self._start(t)
                 return False
-            if t.on_overload == "reject":
+            if reason is not None and reason == self.own_load(t):
+                t.counts["held_by_own_load"] += 1
+            if t.tier.on_overload == "reject":
                 t.counts["rejected"] += 1
                 raise Overloaded(429, tier, f"x-agent-tier: {reason or 'earlier requests are queued'}; "
                                  f"tier '{tier}' rejects on overload (on_overload: reject), retry later")
             t.counts["queued"] += 1
             self._seq += 1
-            me = (t.priority, self._seq, tier)
             self._waiters.append(me)
-            deadline = time.monotonic() + t.queue_timeout_s  # real time, whatever clock ages attainment
+            deadline = arrived + t.tier.queue_timeout_s
             try:
-                while self._first_startable() != me:
+                while self._first_startable() is not me:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         t.counts["timed_out"] += 1
-                        raise Overloaded(503, tier, f"x-agent-tier: queued {t.queue_timeout_s:g} s (tier '{tier}' "
+                        raise Overloaded(503, tier, f"x-agent-tier: queued {t.tier.queue_timeout_s:g} s (tier '{tier}' "
                                          f"queue_timeout_s) without capacity: {self.blocked_by(tier) or 'others first'}",
-                                         retry_after=max(1, int(t.queue_timeout_s)))
-                    try:  # re-check on every release, and at least every 0.25 s (attainment and returns age out)
+                                         retry_after=max(1, int(t.tier.queue_timeout_s)))
+                    try:  # re-check on every release, and at least every 0.25 s (attainment ages out)
                         await asyncio.wait_for(self._cond.wait(), timeout=min(left, 0.25))
                     except asyncio.TimeoutError:
                         pass
                 self._start(t)
+                if t.tier.target_ttft_s is not None and time.monotonic() - arrived > t.tier.target_ttft_s:
+                    t.counts["late"] += 1  # its promise is lost already: it runs, and counts as missed
                 return True
             finally:
                 self._waiters.remove(me)
                 self._cond.notify_all()
 
-    async def release(self, tier: Optional[str], tokens_per_s: Optional[float]) -> None:
+    async def release(self, tier: Optional[str], tokens_per_s: Optional[float], ttft_s: Optional[float] = None,
+                      waited_s: float = 0.0) -> None:
+        """A request of `tier` finished: its decode speed and its time to first token from arrival
+        (`waited_s` of it in this gate's queue) judge its promise and teach the tier's limit."""
         if tier is None or tier not in self.tiers:
             return
         t = self.tiers[tier]
+        met = t.tier.met(tokens_per_s, ttft_s)
+        if met is not None:
+            t.recent.append((self.clock(), met))
+            service_ttft = None if ttft_s is None else max(0.0, ttft_s - waited_s)
+            t.learn(t.tier.met(tokens_per_s, service_ttft), t.running)
         t.running -= 1
-        if tokens_per_s is not None:
-            t.recent.append((self.clock(), tokens_per_s))
-        if self.return_s > 0 and t.target is not None:
-            t.pending.append(self.clock())
         if self._cond is not None:
             async with self._cond:
                 self._cond.notify_all()
@@ -257,13 +287,15 @@ class TierGate:
         pred = (lambda name: self.capacity.predict(name, b)) if self.capacity is not None else (lambda name: None)
 
         def share(t: TierState) -> Optional[float]:
-            if self.capacity is None or t.target is None:
+            target = t.tier.target_tokens_per_s
+            if self.capacity is None or target is None:
                 return None
-            return self.capacity.attainment(t.name, b, (1 + self.margin) * t.target)
+            return self.capacity.attainment(t.name, b, (1 + self.margin) * target)
 
         return [{"name": t.name, "predicted_tokens_per_s_next": pred(t.name), "predicted_attainment_next": share(t),
-                 "target_tokens_per_s": t.target, "priority": t.priority,
-                 "max_concurrency": t.max_concurrency, "on_overload": t.on_overload, "running": t.running,
-                 "queued_now": sum(1 for w in self._waiters if w[2] == t.name),
+                 "target_tokens_per_s": t.tier.target_tokens_per_s, "target_ttft_s": t.tier.target_ttft_s,
+                 "priority": t.priority, "max_concurrency": t.tier.max_concurrency, "on_overload": t.tier.on_overload,
+                 "min_share": t.tier.share_floor, "admitted_share": self.share(t, now), "concurrency_limit": t.limit,
+                 "running": t.running, "queued_now": sum(1 for w in self._waiters if w.tier == t.name),
                  "attainment": t.attainment(now, self.window_s), **t.counts}
                 for t in sorted(self.tiers.values(), key=lambda t: t.priority)]

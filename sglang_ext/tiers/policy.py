@@ -20,12 +20,11 @@ earlier steps, never from the current step's drafts, so they are constant within
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from agentserve.profile import Profile
+from agentserve.profile import Profile, Tier
 
 
 MIN_TOKENS = 4  # measure a request's speed only after this many decode tokens
@@ -41,15 +40,9 @@ def request_tags(req: Any) -> tuple[str, str, str]:
             str(cp.get("__agentserve_session") or ""))
 
 
-@dataclass(frozen=True)
-class TierInfo:
-    target: Optional[float]
-    priority: int
-
-
 class TierPolicy:
-    def __init__(self, tiers: dict[str, TierInfo], clock: Callable[[], float] = time.monotonic) -> None:
-        self.tiers = tiers
+    def __init__(self, tiers: Mapping[str, Tier], clock: Callable[[], float] = time.monotonic) -> None:
+        self.tiers = dict(tiers)  # name -> the profile's Tier (the one tier type)
         self.top = max((t.priority for t in tiers.values()), default=0)
         self.clock = clock
         self._start: dict[str, tuple[float, int]] = {}  # rid -> (time of first decode step, tokens then)
@@ -57,7 +50,7 @@ class TierPolicy:
 
     @classmethod
     def from_profile(cls, prof: Profile) -> TierPolicy:
-        return cls({t.name: TierInfo(t.target_tokens_per_s, t.priority) for t in prof.interactivity_tiers})
+        return cls({t.name: t for t in prof.interactivity_tiers})
 
     def forget(self, rid: str) -> None:
         self._start.pop(rid, None)
@@ -89,11 +82,12 @@ class TierPolicy:
             p = info.priority if info is not None else self.top
             prio.append(p)
             w[i] = 2.0 ** (self.top - p)
-            if info is not None and info.target:
+            target = info.target_tokens_per_s if info is not None else None
+            if target:
                 got = self.achieved(rid, n, now)
-                if got is not None and got < info.target:
+                if got is not None and got < target:
                     self.behind[tier] = self.behind.get(tier, 0) + 1
-                    w[i] *= min(MAX_LAG, info.target / max(got, 1e-6))
+                    w[i] *= min(MAX_LAG, target / max(got, 1e-6))
                     behind_prio = p if behind_prio is None else min(behind_prio, p)
         if behind_prio is None:
             return w, None

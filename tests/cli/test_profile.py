@@ -44,6 +44,25 @@ def test_good_profile_and_tier_lookup() -> None:
         prof.tier_for(requested="gold")
 
 
+def test_agents_tiers_keys_and_promises() -> None:
+    prof = parse_profile({**GOOD, "interactivity_tiers": [*GOOD["interactivity_tiers"], {"name": "std", "priority": 1,
+                                                                                        "target_ttft_s": 2}],
+                          "agents": {"planner": "interactive", "coder": {"tier": "std", "key_env": "CODER_KEY"},
+                                     "bulk": {"tier": "batch", "tiers": ["batch"]}},
+                          "auth": {"keys_file": "keys.yaml"}}, base=Path("/srv/profiles"))
+    assert prof.auth.keys_file == "/srv/profiles/keys.yaml" and prof.auth.configured
+    assert prof.tier_for("planner").name == "interactive" and prof.tier_for("coder").name == "std"
+    assert prof.tier_for("stranger").name == "batch"  # the default tier
+    # an agent may ask for its own tier and every less important one, or exactly its `tiers`
+    assert prof.allowed_tiers("coder") == {"std", "batch"} and prof.allowed_tiers("planner") == {"interactive", "std", "batch"}
+    assert prof.allowed_tiers("bulk") == {"batch"} and prof.allowed_tiers("stranger") == {"batch"}
+    std, inter, batch = (next(t for t in prof.interactivity_tiers if t.name == n) for n in ("std", "interactive", "batch"))
+    # a promise is kept only if every part held; a promise nobody measured is not judged
+    assert std.met(1.0, 1.5) is True and std.met(100.0, 2.5) is False and std.met(None, None) is None
+    assert inter.met(20.0, None) is True and inter.met(19.9, 0.1) is False
+    assert batch.met(1.0, 100.0) is None and batch.share_floor == 0.05 and std.share_floor == 0.0
+
+
 @pytest.mark.parametrize(
     "patch, expected",
     [
@@ -63,7 +82,16 @@ def test_good_profile_and_tier_lookup() -> None:
         ({"sessions": {"max_sessions": 0}}, "sessions.max_sessions: input should be greater than 0"),
         ({"sessions": {"ttl": 5}}, "sessions.ttl: unknown key"),
         ({"default_tier": "gold"}, "default_tier: 'gold' is not one of the interactivity_tiers"),
-        ({"agents": {"bot1": "gold"}}, "agents.bot1: tier 'gold'"),
+        ({"agents": {"bot1": "gold"}}, "agents.bot1.tier: tier 'gold'"),
+        ({"agents": {"bot1": {"tier": "batch", "tiers": ["interactive"]}}}, "agents.bot1.tiers: must include the agent's own tier 'batch'"),
+        ({"agents": {"bot1": {"tiers": ["gold"]}}}, "agents.bot1.tiers[0]: tier 'gold'"),
+        ({"agents": {"bot1": {"key": "abc"}}}, "agents.bot1.key: unknown key"),
+        ({"agents": {"bot1": {"key_env": "not a name"}}}, "agents.bot1.key_env: string should match pattern"),
+        ({"auth": {"keys": {"a": "b"}}}, "auth.keys: unknown key"),
+        ({"interactivity_tiers": [{"name": "x", "target_ttft_s": 0}]}, "interactivity_tiers[0].target_ttft_s: input should be greater than 0"),
+        ({"interactivity_tiers": [{"name": "x", "min_share": 1}]}, "interactivity_tiers[0].min_share: input should be less than 1"),
+        ({"admission_live": True}, "admission_live: unknown key"),
+        ({"admission_plan": "drain"}, "admission_plan: unknown key"),
         ({"drafter": {"algorithm": "eagle"}}, "drafter.algorithm: input should be"),
         ({"drafter": {"algorithm": "agentspark"}}, "path: required when algorithm is 'agentspark'"),
         ({"drafter": {"algorithm": "dspark", "path": "d"}}, "drafter.algorithm: 'dspark' is SGLang's own DSPARK worker"),

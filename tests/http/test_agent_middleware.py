@@ -1,15 +1,22 @@
-"""The agent middleware in front of a stand-in ASGI app: identity checks, tagging of the body
-SGLang receives, session and admission errors (the real server tests cover the same paths
-end to end; these pin the edge cases cheaply)."""
+"""The agent middleware and routes on a FastAPI app whose generation routes stand in for
+SGLang's (they parse chat bodies with SGLang's own request model): identity checks, tagging of
+the body SGLang receives, sessions, admission errors, and API keys. The real server tests cover
+the same paths end to end; these pin the edge cases cheaply."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
 
-from sglang_ext.http.middleware import AgentMiddleware, AgentRegistry
+from sglang_ext.http.auth import AuthConfigError
+from sglang_ext.http.middleware import AgentMiddleware
+from sglang_ext.http.registry import AgentRegistry
+from sglang_ext.http.routes import router
 
 PROFILE = {"interactivity_tiers": [{"name": "gold", "target_tokens_per_s": 5.0, "priority": 0, "max_concurrency": 1,
                                     "on_overload": "reject"}],
@@ -17,83 +24,201 @@ PROFILE = {"interactivity_tiers": [{"name": "gold", "target_tokens_per_s": 5.0, 
            "sessions": {"ttl_s": 60, "max_sessions": 4}}
 
 
-class Backend:
-    """Records what SGLang would receive; answers like a non-streamed chat completion."""
+def stand_in_app(reg: AgentRegistry) -> tuple[FastAPI, list[dict]]:
+    """SGLang's shape: chat bodies validated by SGLang's ChatCompletionRequest (400 on error),
+    whole answers with a usage block."""
+    from pydantic import ValidationError
+    from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
 
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
+    app = FastAPI()
+    bodies: list[dict] = []
 
-    async def __call__(self, scope, receive, send) -> None:
-        msg = await receive()
-        self.bodies.append(json.loads(msg["body"]))
-        assert dict(scope["headers"])[b"content-length"] == str(len(msg["body"])).encode()
-        body = json.dumps({"usage": {"completion_tokens": 4}}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        raw = await request.body()
+        assert request.headers["content-length"] == str(len(raw))
+        try:
+            doc = json.loads(raw)
+            ChatCompletionRequest.model_validate(doc)
+        except (ValueError, ValidationError) as e:
+            return JSONResponse({"object": "error", "message": str(e)[:200], "code": 400}, status_code=400)
+        bodies.append(doc)
+        return JSONResponse({"usage": {"completion_tokens": 4}})
 
+    @app.post("/generate")
+    async def generate(request: Request) -> JSONResponse:
+        bodies.append(json.loads(await request.body()))
+        return JSONResponse({"meta_info": {"completion_tokens": 4, "e2e_latency": 0.5, "first_token_latency": 0.1}})
 
-def call(mw: AgentMiddleware, method: str, path: str, body: dict | bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    raw = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()] + [(b"content-length", str(len(raw)).encode())]}
-    out: list[dict] = []
+    @app.get("/get_server_info")
+    async def server_info() -> JSONResponse:
+        return JSONResponse({"ok": True})
 
-    async def receive() -> dict:
-        return {"type": "http.request", "body": raw, "more_body": False}
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({})
 
-    async def send(msg: dict) -> None:
-        out.append(msg)
-
-    asyncio.run(mw(scope, receive, send))
-    status = next(m["status"] for m in out if m["type"] == "http.response.start")
-    payload = b"".join(m.get("body", b"") for m in out if m["type"] == "http.response.body")
-    return status, json.loads(payload) if payload else {}
+    app.include_router(router)
+    app.add_middleware(AgentMiddleware, registry=reg)
+    return app, bodies
 
 
 @pytest.fixture()
-def mw(serve_profile) -> tuple[AgentMiddleware, Backend]:
+def mw(serve_profile) -> tuple[TestClient, list[dict]]:
     serve_profile(PROFILE)
-    backend = Backend()
-    return AgentMiddleware(backend, AgentRegistry(max_labels=2)), backend
+    app, bodies = stand_in_app(AgentRegistry(max_labels=2))
+    return TestClient(app), bodies
+
+
+def chat(c: TestClient, headers: dict | None = None, body: dict | None = None):
+    return c.post("/v1/chat/completions", headers=headers or {},
+                  json=body if body is not None else {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 
 
 def test_known_agent_is_tagged_for_the_scheduler(mw) -> None:
-    m, backend = mw
-    status, _ = call(m, "POST", "/v1/chat/completions", {"messages": [], "custom_params": {"x": 1}}, {"x-agent-id": "known"})
-    assert status == 200
-    assert backend.bodies[-1]["custom_params"] == {"x": 1, "__agentserve_agent": "known", "__agentserve_tier": "gold",
-                                                   "__agentserve_session": ""}
-    status, _ = call(m, "POST", "/generate", {"text": "hi"}, {"x-agent-id": "known"})
-    assert status == 200 and backend.bodies[-1]["sampling_params"]["custom_params"]["__agentserve_tier"] == "gold"
+    c, bodies = mw
+    r = chat(c, {"x-agent-id": "known"}, {"messages": [{"role": "user", "content": "hi"}], "custom_params": {"x": 1}})
+    assert r.status_code == 200
+    assert bodies[-1]["custom_params"] == {"x": 1, "__agentserve_agent": "known", "__agentserve_tier": "gold",
+                                           "__agentserve_session": ""}
+    r = c.post("/generate", headers={"x-agent-id": "known"}, json={"text": "hi"})
+    assert r.status_code == 200 and bodies[-1]["sampling_params"]["custom_params"]["__agentserve_tier"] == "gold"
 
 
 def test_unknown_agent_and_bad_user_field_are_refused_naming_the_field(mw) -> None:
-    m, backend = mw
-    status, body = call(m, "POST", "/v1/chat/completions", {"messages": []}, {"x-agent-id": "stranger"})
-    assert status == 403 and body["param"] == "x-agent-id" and "stranger" in body["message"]
-    status, body = call(m, "POST", "/v1/chat/completions", {"messages": [], "user": "bad user!"})
-    assert status == 400 and body["param"] == "user"
-    assert backend.bodies == []  # SGLang saw none of them
+    c, bodies = mw
+    r = chat(c, {"x-agent-id": "stranger"})
+    assert r.status_code == 403 and r.json()["param"] == "x-agent-id" and "stranger" in r.json()["message"]
+    r = chat(c, body={"messages": [], "user": "bad user!"})
+    assert r.status_code == 400 and r.json()["param"] == "user"
+    r = chat(c, {"x-agent-id": "known", "x-agent-tier": "platinum"})
+    assert r.status_code == 400 and r.json()["param"] == "x-agent-tier" and "platinum" in r.json()["message"]
+    assert bodies == []  # SGLang saw none of them
 
 
-def test_sessions_through_the_middleware(mw) -> None:
-    m, backend = mw
-    status, sess = call(m, "POST", "/agentserve/v1/sessions", {"agent_id": "known"})
-    assert status == 201
-    status, _ = call(m, "POST", "/v1/chat/completions", {"messages": []}, {"x-agent-id": "known", "x-session-id": sess["id"]})
-    assert status == 200 and backend.bodies[-1]["custom_params"]["__agentserve_session"] == sess["id"]
-    assert call(m, "GET", f"/agentserve/v1/sessions/{sess['id']}")[1]["requests"] == 1
-    status, body = call(m, "POST", "/agentserve/v1/sessions", b"{not json")
-    assert status == 400 and body["param"] == "body"
-    assert call(m, "DELETE", f"/agentserve/v1/sessions/{sess['id']}")[1]["closed"] is True
-    status, body = call(m, "POST", "/v1/chat/completions", {"messages": []}, {"x-agent-id": "known", "x-session-id": sess["id"]})
-    assert status == 404 and body["param"] == "x-session-id"
-    snap = call(m, "GET", "/agentserve/v1/agents")[1]
+def test_sessions_through_the_routes(mw) -> None:
+    c, bodies = mw
+    r = c.post("/agentserve/v1/sessions", json={"agent_id": "known"})
+    assert r.status_code == 201
+    sess = r.json()
+    r = chat(c, {"x-agent-id": "known", "x-session-id": sess["id"]})
+    assert r.status_code == 200 and bodies[-1]["custom_params"]["__agentserve_session"] == sess["id"]
+    assert c.get(f"/agentserve/v1/sessions/{sess['id']}").json()["requests"] == 1
+    r = c.post("/agentserve/v1/sessions", content=b"{not json")
+    assert r.status_code == 400 and r.json()["param"] == "body"
+    for body, field in [({"agent_id": "bad id!"}, "agent_id"), ({"ttl_s": -3}, "ttl_s"), ({"ttl_s": 10 ** 6}, "ttl_s"),
+                        ({"ttl_s": "soon"}, "ttl_s"), ({"agent": "x"}, "agent")]:
+        r = c.post("/agentserve/v1/sessions", json=body)
+        assert r.status_code == 400 and r.json()["param"] == field and r.json()["message"].startswith(field + ":"), r.text
+    assert c.delete(f"/agentserve/v1/sessions/{sess['id']}").json()["closed"] is True
+    r = chat(c, {"x-agent-id": "known", "x-session-id": sess["id"]})
+    assert r.status_code == 404 and r.json()["param"] == "x-session-id"
+    snap = c.get("/agentserve/v1/agents").json()
     assert snap["sessions"]["open"] == 0 and snap["tiers"][0]["admitted"] == 1
 
 
-def test_invalid_json_passes_through_untouched(mw) -> None:
-    m, backend = mw
-    with pytest.raises(json.JSONDecodeError):  # the stand-in backend cannot parse it either; SGLang answers 400
-        call(m, "POST", "/v1/chat/completions", b"{oops", {"x-agent-id": "known"})
+def test_invalid_json_reaches_sglang_which_answers_it(mw) -> None:
+    c, bodies = mw
+    r = c.post("/v1/chat/completions", headers={"x-agent-id": "known"}, content=b"{oops")
+    assert r.status_code == 400 and bodies == []
+    r = c.post("/v1/chat/completions", headers={"x-agent-id": "known"}, content=b"[" * 100_000)
+    assert r.status_code == 400 and r.json()["param"] == "body"
+
+
+KEYS = {"admin": "admin-secret-0123456789", "agents": {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}}
+AUTH_PROFILE = {"interactivity_tiers": [{"name": "interactive", "target_tokens_per_s": 20, "priority": 0},
+                                        {"name": "standard", "target_tokens_per_s": 10, "priority": 1},
+                                        {"name": "batch", "priority": 2}],
+                "default_tier": "standard",
+                "agents": {"alice": {"tier": "interactive"}, "bob": "standard",
+                           "carol": {"tier": "batch", "tiers": ["batch"], "key_env": "CAROL_KEY"}}}
+
+
+@pytest.fixture()
+def authed(serve_profile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, list[dict]]:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(json.dumps(KEYS))
+    monkeypatch.setenv("CAROL_KEY", "carol-key-0123456789")
+    serve_profile({**AUTH_PROFILE, "auth": {"keys_file": str(keys)}})
+    app, bodies = stand_in_app(AgentRegistry())
+    return TestClient(app), bodies
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_api_keys_decide_who_calls_and_what_they_reach(authed) -> None:
+    c, bodies = authed
+    alice, bob, carol, admin = (bearer(KEYS["agents"]["alice"]), bearer(KEYS["agents"]["bob"]),
+                                bearer("carol-key-0123456789"), bearer(KEYS["admin"]))
+    # no key, a wrong key: 401 naming the header, with WWW-Authenticate
+    for h in ({}, bearer("wrong"), {"authorization": "Basic abc"}):
+        r = chat(c, h)
+        assert r.status_code == 401 and r.json()["param"] == "authorization" and r.headers["www-authenticate"] == "Bearer"
+    # the key says who calls: alice at her own tier; claiming bob with her key is refused
+    r = chat(c, alice)
+    assert r.status_code == 200 and bodies[-1]["custom_params"]["__agentserve_agent"] == "alice"
+    assert bodies[-1]["custom_params"]["__agentserve_tier"] == "interactive"
+    r = chat(c, {**alice, "x-agent-id": "bob"})
+    assert r.status_code == 403 and r.json()["param"] == "x-agent-id" and "'alice'" in r.json()["message"]
+    assert chat(c, {**alice, "x-agent-id": "alice"}).status_code == 200
+    # the user field names no one when keys are on: bob is bob
+    r = chat(c, bob, {"messages": [{"role": "user", "content": "hi"}], "user": "alice"})
+    assert r.status_code == 200 and bodies[-1]["custom_params"]["__agentserve_agent"] == "bob"
+    # tiers: bob may go down, not up; carol only batch; 403 names the tier
+    assert chat(c, {**bob, "x-agent-tier": "batch"}).status_code == 200
+    r = chat(c, {**bob, "x-agent-tier": "interactive"})
+    assert r.status_code == 403 and r.json()["param"] == "x-agent-tier" and "'interactive'" in r.json()["message"]
+    r = chat(c, {**carol, "x-agent-tier": "standard"})
+    assert r.status_code == 403 and "'standard'" in r.json()["message"]
+    assert chat(c, carol).status_code == 200 and bodies[-1]["custom_params"]["__agentserve_agent"] == "carol"
+    # admin-only routes
+    for method, path in [("GET", "/agentserve/v1/agents"), ("GET", "/agentserve/v1/sessions"), ("GET", "/get_server_info"),
+                         ("GET", "/metrics")]:
+        r = c.request(method, path, headers=alice)
+        assert r.status_code == 403 and r.json()["param"] == "authorization", (path, r.text)
+        assert c.request(method, path).status_code == 401
+    assert c.get("/agentserve/v1/agents", headers=admin).status_code == 200
+    assert c.get("/agentserve/v1/sessions", headers=admin).json()["open"] == 0
+    assert c.get("/health").status_code == 200  # probes need no key
+    # the admin may generate as any agent, at any tier
+    r = chat(c, {**admin, "x-agent-id": "bob", "x-agent-tier": "interactive"})
+    assert r.status_code == 200 and bodies[-1]["custom_params"]["__agentserve_tier"] == "interactive"
+
+
+def test_sessions_belong_to_the_keys_agent(authed) -> None:
+    c, _ = authed
+    alice, bob, admin = bearer(KEYS["agents"]["alice"]), bearer(KEYS["agents"]["bob"]), bearer(KEYS["admin"])
+    r = c.post("/agentserve/v1/sessions", headers=alice, json={})
+    assert r.status_code == 201 and r.json()["agent_id"] == "alice"
+    sid = r.json()["id"]
+    r = c.post("/agentserve/v1/sessions", headers=alice, json={"agent_id": "bob"})
+    assert r.status_code == 403 and r.json()["param"] == "agent_id"
+    assert c.post("/agentserve/v1/sessions", json={}).status_code == 401
+    # bob can neither use, read nor close alice's session; the answer does not say whose it is
+    r = chat(c, {**bob, "x-session-id": sid})
+    assert r.status_code == 403 and r.json()["param"] == "x-session-id" and "alice" not in r.json()["message"]
+    assert c.get(f"/agentserve/v1/sessions/{sid}", headers=bob).status_code == 403
+    assert c.delete(f"/agentserve/v1/sessions/{sid}", headers=bob).status_code == 403
+    assert chat(c, {**alice, "x-session-id": sid}).status_code == 200
+    assert c.get(f"/agentserve/v1/sessions/{sid}", headers=admin).json()["requests"] == 1
+    assert c.delete(f"/agentserve/v1/sessions/{sid}", headers=alice).json()["closed"] is True
+
+
+def test_unreadable_keys_stop_the_server_and_no_keys_means_open(serve_profile, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    serve_profile({**AUTH_PROFILE, "auth": {"keys_file": str(tmp_path / "missing.yaml")}})
+    with pytest.raises(AuthConfigError) as e:
+        AgentRegistry()
+    assert "auth.keys_file" in str(e.value) and str(tmp_path) not in str(e.value)
+    serve_profile(AUTH_PROFILE)  # carol's key_env names an unset variable
+    with pytest.raises(AuthConfigError, match="agents.carol.key_env: environment variable CAROL_KEY"):
+        AgentRegistry()
+    serve_profile({k: v for k, v in AUTH_PROFILE.items() if k != "agents"})
+    with caplog.at_level("WARNING"):
+        reg = AgentRegistry()
+    assert not reg.keys.enabled and "OPEN" in caplog.text
+    c = TestClient(stand_in_app(reg)[0])
+    assert chat(c, {"x-agent-id": "anyone", "x-agent-tier": "interactive"}).status_code == 200
+    assert c.get("/agentserve/v1/agents").status_code == 200

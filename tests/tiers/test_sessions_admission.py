@@ -13,7 +13,7 @@ from sglang_ext.tiers.admission import Overloaded, TierGate
 from sglang_ext.http.middleware import tag_request
 from sglang_ext.dspark.scheduler import SchedulerInput, schedule_algorithm1
 from sglang_ext.http.sessions import SessionError, SessionStore
-from sglang_ext.tiers.policy import TierInfo, TierPolicy
+from sglang_ext.tiers.policy import TierPolicy
 
 
 class Clock:
@@ -32,7 +32,8 @@ def test_session_lifecycle_expiry_and_limits() -> None:
     assert store.get(a.id).requests == 1
     with pytest.raises(SessionError) as e:
         store.use(a.id, "agent-b")
-    assert e.value.status == 403 and e.value.param == "x-session-id" and "agent-a" in e.value.message
+    assert e.value.status == 403 and e.value.param == "x-session-id" and "another agent" in e.value.message
+    assert "agent-a" not in e.value.message  # whose it is is not for another agent to learn
     b = store.open("agent-b", ttl_s=10)
     with pytest.raises(SessionError) as e:
         store.open("agent-c")
@@ -57,7 +58,7 @@ def test_session_lifecycle_expiry_and_limits() -> None:
 
 TIERS = [Tier(**t) for t in [{"name": "interactive", "target_tokens_per_s": 10.0, "priority": 0, "max_concurrency": 1, "on_overload": "reject"},
          {"name": "standard", "target_tokens_per_s": 5.0, "priority": 1, "on_overload": "queue", "queue_timeout_s": 0.3},
-         {"name": "batch", "priority": 2}]]
+         {"name": "batch", "priority": 2, "min_share": 0}]]  # share floors: test_no_tier_starves
 
 
 def test_gate_rejects_over_max_concurrency_and_names_the_tier() -> None:
@@ -83,7 +84,7 @@ def test_gate_protects_a_tier_below_its_target_and_queues_in_priority_order() ->
         await gate.admit("interactive")
         await gate.release("interactive", 4.0)  # missed its 10 tok/s target
         await gate.admit("interactive")  # one interactive request running, attainment 0%
-        assert "below its 10 tok/s target" in gate.blocked_by("standard")
+        assert "tier 'interactive' is below its promise (attainment 0%)" in gate.blocked_by("standard")
         assert gate.blocked_by("batch") is not None
         # standard queues, then times out with 503 naming why
         with pytest.raises(Overloaded) as e:
@@ -120,7 +121,7 @@ def test_tags_go_into_custom_params() -> None:
 
 def test_tier_policy_weights_and_caps_follow_past_speed_only() -> None:
     clk = Clock()
-    pol = TierPolicy({"interactive": TierInfo(10.0, 0), "standard": TierInfo(5.0, 1), "batch": TierInfo(None, 2)}, clock=clk)
+    pol = TierPolicy({t.name: t for t in TIERS}, clock=clk)
     rids, tiers = ["i", "s", "b"], ["interactive", "standard", "batch"]
     w, cap = pol.inputs(rids, tiers, [0, 0, 0])  # first step: no speed known yet
     assert w.tolist() == [4.0, 2.0, 1.0] and cap is None
@@ -138,3 +139,113 @@ def test_tier_policy_weights_and_caps_follow_past_speed_only() -> None:
     pol.forget("i")
     assert "i" not in pol._start
     assert TierPolicy({}).inputs(rids, tiers, [1, 2, 3]) == (None, None)
+
+
+def test_a_tiers_own_overload_queues_its_new_requests_and_learns_back() -> None:
+    """32 agents in one tier: when its requests miss under their own load, the next ones wait
+    (queue) or are refused (reject), named as the tier's own load; met requests raise the limit."""
+    async def run() -> None:
+        tiers = [Tier(name="standard", target_tokens_per_s=10.0, priority=1, queue_timeout_s=0.2),
+                 Tier(name="strict", target_tokens_per_s=10.0, priority=1, on_overload="reject")]
+        gate = TierGate(tiers)
+        for _ in range(8):
+            assert await gate.admit("standard") is False  # nothing learned yet: all admitted
+        await gate.release("standard", 6.0)  # missed with 8 running: the limit becomes 6
+        st = gate.tiers["standard"]
+        assert st.limit == 6 and st.running == 7
+        assert "as many as keep its promise" in gate.blocked_by("standard")
+        with pytest.raises(Overloaded) as e:
+            await gate.admit("standard")  # queued, then 503 after queue_timeout_s
+        assert e.value.status == 503 and "learned limit 6.0" in e.value.message
+        await gate.release("standard", 12.0)  # met with 7 running: +1/6
+        assert st.limit == pytest.approx(6 + 1 / 6) and gate.blocked_by("standard") is None
+        assert st.counts["held_by_own_load"] == 1 and st.counts["queued"] == 1 and st.counts["timed_out"] == 1
+        # a reject tier answers 429 at once for the same reason
+        for _ in range(3):
+            await gate.admit("strict")
+        await gate.release("strict", 1.0)  # 3 running: limit 2
+        with pytest.raises(Overloaded) as e:
+            await gate.admit("strict")
+        assert e.value.status == 429 and "tier 'strict' has 2 running" in e.value.message
+        # a miss with one request of the tier running is not its own load: the limit is forgotten
+        await gate.release("strict", 1.0)
+        await gate.release("strict", 1.0)
+        assert gate.tiers["strict"].limit is None and gate.blocked_by("strict") is None
+
+    asyncio.run(run())
+
+
+def test_time_to_first_token_counts_the_queue_wait() -> None:
+    async def run() -> None:
+        clk = Clock()
+        tiers = [Tier(name="chat", target_tokens_per_s=5.0, target_ttft_s=1.0, priority=0),
+                 Tier(name="batch", priority=1, min_share=0)]
+        gate = TierGate(tiers, clock=clk)
+        await gate.admit("chat")
+        # fast decode but a first token after 1.5 s, 1.2 s of it queued here: missed, and the
+        # tier's limit is not taught (the server's own part, 0.3 s, kept the promise)
+        await gate.release("chat", 50.0, ttft_s=1.5, waited_s=1.2)
+        chat = gate.tiers["chat"]
+        assert chat.attainment(clk(), 60) == 0.0 and chat.limit is None
+        await gate.admit("chat")
+        assert "attainment 0%" in gate.blocked_by("batch")  # lower tiers wait for the promise
+        await gate.release("chat", 50.0, ttft_s=0.4)
+        assert chat.attainment(clk(), 60) == 0.5
+        snap = {t["name"]: t for t in gate.snapshot()}
+        assert snap["chat"]["target_ttft_s"] == 1.0 and snap["chat"]["attainment"] == 0.5
+
+    asyncio.run(run())
+
+
+def test_the_queue_serves_the_most_urgent_first_and_a_late_start_counts() -> None:
+    async def run() -> None:
+        tiers = [Tier(name="a", target_tokens_per_s=5.0, priority=0, max_concurrency=1),
+                 Tier(name="fast", target_ttft_s=0.05, priority=1, max_concurrency=1),
+                 Tier(name="slow", target_ttft_s=30.0, priority=1)]
+        gate = TierGate(tiers)
+        await gate.admit("a")
+        await gate.release("a", 1.0)  # tier a is below its promise: priority-1 tiers wait
+        await gate.admit("a")
+        order: list[str] = []
+
+        async def wait(tier: str) -> None:
+            await gate.admit(tier)
+            order.append(tier)
+
+        slow = asyncio.create_task(wait("slow"))
+        await asyncio.sleep(0.01)
+        fast = asyncio.create_task(wait("fast"))  # arrived later, due sooner
+        await asyncio.sleep(0.1)
+        assert order == []
+        gate.tiers["a"].recent.clear()  # a's miss ages out of the window
+        await gate.release("a", 9.0)
+        await asyncio.wait_for(asyncio.gather(slow, fast), 2.0)
+        assert order == ["fast", "slow"]
+        assert gate.tiers["fast"].counts["late"] == 1  # waited past its 50 ms: runs, counts as missed
+
+    asyncio.run(run())
+
+
+def test_no_tier_starves_best_effort_keeps_its_minimum_share() -> None:
+    async def run() -> None:
+        clk = Clock()
+        tiers = [Tier(name="gold", target_tokens_per_s=10.0, priority=0),
+                 Tier(name="batch", priority=2, queue_timeout_s=5.0)]  # best effort: 5 % floor by default
+        gate = TierGate(tiers, clock=clk, window_s=60.0)
+        await gate.admit("gold")
+        await gate.release("gold", 1.0)  # gold misses: batch is held back...
+        for _ in range(19):
+            await gate.admit("gold")
+        assert gate.share(gate.tiers["batch"], clk()) == 0.0
+        assert gate.blocked_by("batch") is None  # ...except for its floor: 0 of 20 admissions < 5 %
+        await gate.admit("batch")
+        # 1 of 21 (4.8 %) is still under the floor; at 1 of 20 (5 %) it waits for gold again
+        gate.tiers["gold"].starts.popleft()
+        assert "below its promise" in gate.blocked_by("batch")
+        clk.t += 61  # a new window: nobody admitted, the floor lets batch start
+        gate.tiers["gold"].recent.append((clk(), False))
+        assert gate.blocked_by("batch") is None
+        snap = {t["name"]: t for t in gate.snapshot()}
+        assert snap["batch"]["min_share"] == 0.05 and snap["gold"]["min_share"] == 0.0
+
+    asyncio.run(run())
