@@ -11,7 +11,6 @@ TIER_SYSTEMS = {  # system -> (drafter system in bench.SYSTEMS, scheduler, admis
     "verify_all": ("hybrid", "verify_all", False),
     "throughput": ("hybrid", "throughput", False),
     "tier_aware": ("hybrid", "tier_aware", True),
-    "tier_aware_live": ("hybrid", "tier_aware", True),
 }
 DEFAULT_SYSTEMS = "plain,verify_all,throughput,tier_aware"
 
@@ -43,7 +42,7 @@ def tier_profile(base: Profile, system: str, tiers: list[Tier]) -> Profile:
     drafter_sys, sched, admission = TIER_SYSTEMS[name]
     drafter = SYSTEMS[drafter_sys].model_copy(update={"scheduler": sched})
     update: dict = {"drafter": drafter, "interactivity_tiers": tiers, "default_tier": tiers[-1].name,
-                    "admission_control": admission, "agents": {}, "admission_live": name == "tier_aware_live"}
+                    "admission_control": admission, "agents": {}}
     if _split(system)[0].endswith(MIXED):
         update["server"] = base.server.model_copy(update={"extra_args": [*base.server.extra_args, "--enable-mixed-chunk"]})
     prof = base.model_copy(update=update)

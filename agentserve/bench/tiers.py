@@ -5,8 +5,6 @@ Systems (same model, prompts, tiers and load, started one after another):
   verify_all  our worker (hybrid drafting), every draft verified, no admission control
   throughput  our worker, the paper's Algorithm 1 alone, no admission control
   tier_aware  our worker, Algorithm 1 with tier weights/caps + tier admission control
-  tier_aware_live  tier_aware with admission rule (b) on the running streams' live speed
-              (admission_live: true); an ablation, not in the default run
 A system name may end in "+mixed": the same system with SGLang's --enable-mixed-chunk (a new
 request's prefill runs in one batch with a decode token of every running request, so running
 streams do not stand still while it is prefilled), e.g. --systems plain,plain+mixed; and in

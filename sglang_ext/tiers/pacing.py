@@ -150,9 +150,9 @@ class PrefillPacer:
         prios = [self._priority(r) for r in running]
         for r, p in zip(running, prios):
             info = self.policy.tiers.get(request_tags(r)[1])
-            if info is None or not info.target:
+            if info is None or not info.target_tokens_per_s:
                 continue
-            need = (1 + self.margin) * float(info.target)
+            need = (1 + self.margin) * float(info.target_tokens_per_s)
             n = len(r.output_ids)
             max_new = getattr(r.sampling_params, "max_new_tokens", None)
             remaining = max(0, (max_new if max_new is not None else 4 * n) - n)
@@ -177,14 +177,14 @@ class PrefillPacer:
             else:
                 ahead = got
                 best = got * self._slowdown(len(running), keep)
-            if (done + remaining) / (elapsed + remaining / max(best, 1e-6)) < float(info.target):
+            if (done + remaining) / (elapsed + remaining / max(best, 1e-6)) < float(info.target_tokens_per_s):
                 continue  # misses its target even alone: holding others back does not save it
             out.append(Promise(p, need, done + remaining, elapsed, remaining / max(ahead, 1e-6), True, False, r.rid))
         return out
 
     def _promised(self, req: Any) -> bool:
         info = self.policy.tiers.get(request_tags(req)[1])
-        return info is not None and bool(info.target)
+        return info is not None and bool(info.target_tokens_per_s)
 
     def plan(self, running: Sequence[Any], waiting: Sequence[Any],
              match: Optional[Callable[[Sequence[Any]], None]] = None,
@@ -202,7 +202,7 @@ class PrefillPacer:
             self._waiting_since.setdefault(r.rid, now)
         promises = self._promises(running, now)
         if ongoing is not None and self._promised(ongoing):  # being prefilled: a promise too
-            need = (1 + self.margin) * float(self.policy.tiers[request_tags(ongoing)[1]].target)
+            need = (1 + self.margin) * float(self.policy.tiers[request_tags(ongoing)[1]].target_tokens_per_s)
             promises.append(Promise.fresh(self._priority(ongoing), need, ongoing.rid, now_in=True))
         if not promises and not any(self._promised(r) for r in ordered):
             return ordered, []  # no promise running or waiting: nothing a stall could break
@@ -241,7 +241,7 @@ class PrefillPacer:
             go.append(r)
             stall += cost
             if self._promised(r):  # prefilled now, decoding next: a promise too
-                need = (1 + self.margin) * float(self.policy.tiers[request_tags(r)[1]].target)
+                need = (1 + self.margin) * float(self.policy.tiers[request_tags(r)[1]].target_tokens_per_s)
                 promises.append(Promise.fresh(p, need, r.rid, now_in=True, stall=stall))  # only later stalls count
         if held:
             self.deferred += 1

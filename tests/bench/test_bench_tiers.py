@@ -28,11 +28,9 @@ TIERS = [Tier(name="interactive", target_tokens_per_s=8.0, priority=0), Tier(nam
 def test_each_system_is_a_valid_profile(system: str) -> None:
     prof = tier_profile(load_profile(REPO / "profiles" / "cpu-dspark.yaml"), system, TIERS)
     assert prof.default_tier == "batch" and prof.admission_control == system.startswith("tier_aware")
-    assert prof.admission_live == (system == "tier_aware_live")
     assert (prof.drafter.algorithm == "none") == (system == "plain")
     if system != "plain":
-        assert prof.drafter.scheduler == {"verify_all": "verify_all", "throughput": "throughput", "tier_aware": "tier_aware",
-                                          "tier_aware_live": "tier_aware"}[system]
+        assert prof.drafter.scheduler == {"verify_all": "verify_all", "throughput": "throughput", "tier_aware": "tier_aware"}[system]
     assert build_plan(prof).argv  # the launcher accepts it
 
 

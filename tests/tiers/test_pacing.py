@@ -8,7 +8,8 @@ import json
 from types import SimpleNamespace
 
 from sglang_ext.tiers.pacing import PrefillPacer, around_prefill, uncached_tokens
-from sglang_ext.tiers.policy import TierInfo, TierPolicy
+from agentserve.profile import Tier
+from sglang_ext.tiers.policy import TierPolicy
 
 
 class Clock:
@@ -25,7 +26,8 @@ def req(rid: str, tier: str, prompt: int, out: int = 0, max_new: int = 64, cache
                            num_matched_prefix_tokens=cached)
 
 
-TIERS = {"interactive": TierInfo(12.0, 0), "standard": TierInfo(6.0, 1), "batch": TierInfo(None, 2)}
+TIERS = {"interactive": Tier(name="interactive", target_tokens_per_s=12.0, priority=0),
+         "standard": Tier(name="standard", target_tokens_per_s=6.0, priority=1), "batch": Tier(name="batch", priority=2)}
 
 
 def setup(defer_s: float = 10.0, periods: dict[int, float] | None = None) -> tuple[PrefillPacer, Clock, SimpleNamespace]:
