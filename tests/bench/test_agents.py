@@ -1,0 +1,89 @@
+"""Closed-loop agent replay (bench/agents.py): one turn in flight per agent, turns in order
+with the history growing, think time, the agent count, and the per-run numbers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from agentserve.bench.agents import accepted_by_source, replay_agents, run_row
+from agentserve.bench.client import RequestRecord
+
+
+@dataclass
+class _Trace:
+    id: str
+
+
+class _Conv:
+    """A conversation whose turn k prompt is k+1 blocks long (each turn extends the last)."""
+
+    def __init__(self, i: int, turns: int) -> None:
+        self.trace, self.turns = _Trace(f"t{i}"), turns
+
+    def prompt(self, k: int, answers: list[str]) -> list[int]:
+        return [int(self.trace.id[1:])] * (k + 1)
+
+
+class _Recorder:
+    """Stands in for the HTTP send: records who sent what and when; takes `work_s` per turn."""
+
+    def __init__(self, work_s: float) -> None:
+        self.work_s, self.lock = work_s, threading.Lock()
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.max_total = 0
+        self.calls: list[tuple[str, str, int, int, float]] = []
+
+    def __call__(self, url: str, ids: list[int], max_new: int, headers: dict[str, str], labels: dict[str, Any]) -> RequestRecord:
+        aid = headers["x-agent-id"]
+        t0 = time.perf_counter()
+        with self.lock:
+            self.in_flight[aid] = self.in_flight.get(aid, 0) + 1
+            self.max_in_flight[aid] = max(self.max_in_flight.get(aid, 0), self.in_flight[aid])
+            self.max_total = max(self.max_total, sum(self.in_flight.values()))
+            self.calls.append((aid, labels["trace"], labels["turn"], len(ids), t0))
+        time.sleep(self.work_s)
+        with self.lock:
+            self.in_flight[aid] -= 1
+        t1 = time.perf_counter()
+        return RequestRecord(t0, t0 + self.work_s / 4, t1, max_new, verify_ct=max_new // 2, labels=dict(labels))
+
+
+@pytest.mark.parametrize("agents", [1, 3])
+def test_closed_loop_keeps_one_turn_per_agent_in_order(agents: int) -> None:
+    convs = [_Conv(i, turns=3) for i in range(5)]
+    rec = _Recorder(0.02)
+    out, wall = replay_agents("http://unused", convs, agents, 8, think_s=0.03, sender=rec, sessions=False)  # type: ignore[arg-type]
+    assert len(out) == 15 and rec.max_total == agents and set(rec.max_in_flight.values()) == {1}
+    assert len(rec.max_in_flight) == agents
+    for i in range(5):  # each conversation: turns 0,1,2 by one agent, prompts growing, think time between
+        mine = [c for c in rec.calls if c[1] == f"t{i}"]
+        assert [c[2] for c in mine] == [0, 1, 2] and [c[3] for c in mine] == [1, 2, 3]
+        assert len({c[0] for c in mine}) == 1 and mine[0][0] == f"agent-{i % agents}"
+        assert all(b[4] - a[4] >= 0.02 + 0.03 - 1e-3 for a, b in zip(mine, mine[1:]))
+    # with A agents the run takes about ceil(5/A) conversations x 3 turns, not 15 turns
+    assert wall < (-(-5 // agents)) * 3 * 0.05 + 0.5
+
+
+def test_run_numbers_and_copy_share_by_source() -> None:
+    recs = [RequestRecord(0.0, 0.5, 2.0, 16, verify_ct=8, labels={"agent": "a"}),
+            RequestRecord(1.0, 1.5, 3.0, 16, verify_ct=4, labels={"agent": "b"})]
+    key = lambda src, agent: ("agentserve:agent_spec_accepted_drafts_total", (("agent", agent), ("source", src)))  # noqa: E731
+    before = {key("copy", "a"): 10.0, key("model", "a"): 5.0}
+    after = {key("copy", "a"): 16.0, key("shared", "b"): 3.0, key("model", "a"): 8.0, key("radix", "b"): 0.0}
+    by = accepted_by_source(before, after)
+    assert by == {"session": 6.0, "shared": 3.0, "model": 3.0, "radix": 0.0}
+    row = run_row("hybrid", 2, recs, 4.0, by)
+    assert row["turns"] == 2 and row["total_tps"] == 8.0 and row["turns_per_min"] == 30.0
+    assert row["tau"] == 32 / 12 and row["ttft_mean"] == 0.5
+    assert row["copy_share"] == {"session": 0.5, "shared": 0.25, "model": 0.25, "radix": 0.0}
+
+
+def test_agents_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="agents"):
+        replay_agents("http://unused", [], 0, 8)
