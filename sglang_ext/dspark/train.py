@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-progress", action="store_true")
+    c = p.add_argument_group("corpus training (train_cached.py): cached target features, no target per step")
+    c.add_argument("--corpus", default=None, help="a corpus folder from `agentserve corpus build`; switches to cached training")
+    c.add_argument("--draft-vocab", type=int, default=0, help="truncated draft vocabulary size K (0 = full)")
+    c.add_argument("--topk", type=int, default=16, help="target logits kept per position in the feature cache")
+    c.add_argument("--feature-cache", default=None, help="default ~/.cache/agentserve/features")
+    c.add_argument("--eval-every", type=int, default=500, help="held-out tau every N steps; the best is kept")
+    c.add_argument("--eval-seqs", type=int, default=60, help="held-out (eval split, greedy) sequences")
     return p
 
 
@@ -174,6 +181,12 @@ def _resolve_device(d: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.corpus:
+        from .features import DEFAULT_CACHE
+        from .train_cached import run
+
+        args.feature_cache = args.feature_cache or str(DEFAULT_CACHE)
+        return run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
