@@ -289,7 +289,7 @@ def build(args: argparse.Namespace) -> int:
                 "sampled_temperatures": list(SAMPLED_TEMPERATURES), "concurrency": args.concurrency,
                 "sources": sorted({p.src for p in prompts})}
     have = corpus_stats(out_dir)["answer_tokens"]
-    print(f"{len(prompts)} prompts, {len(jobs)} jobs, {len(done)} done, {len(todo)} to do; "
+    print(f"pid {os.getpid()} (SIGTERM stops it cleanly): {len(prompts)} prompts, {len(jobs)} jobs, {len(done)} done, {len(todo)} to do; "
           f"{have} answer tokens so far, target {args.target_tokens}", flush=True)
     if have >= args.target_tokens or not todo:
         write_manifest(out_dir, settings, runs)
@@ -309,6 +309,8 @@ def build(args: argparse.Namespace) -> int:
         print(f"starting SGLang ({args.profile}) on {server.url}", flush=True)
         server.start()
         url = server.url
+    restarts = 0
+    failures = 0  # consecutive failed requests
     writer = ShardWriter(out_dir)
     t0 = time.time()
     new_tokens = 0
@@ -318,14 +320,16 @@ def build(args: argparse.Namespace) -> int:
     runs.append(run)
     try:
         it = iter(todo)
+        retry: list[Job] = []  # failed requests go again (after a server restart if it died)
         inflight: dict[Future[dict[str, Any]], Job] = {}
         with ThreadPoolExecutor(args.concurrency) as pool:
             while True:
-                while not stop.is_set() and len(inflight) < args.concurrency and have + new_tokens < args.target_tokens:
-                    job = next(it, None)
+                while (not stop.is_set() and len(inflight) < args.concurrency and failures < args.concurrency
+                       and have + new_tokens < args.target_tokens):
+                    job = retry.pop() if retry else next(it, None)
                     if job is None:
                         break
-                    job.ids = _encode(tok, template, job.prompt)
+                    job.ids = job.ids or _encode(tok, template, job.prompt)
                     if len(job.ids) > args.max_prompt_tokens:
                         skipped += 1
                         continue
@@ -337,9 +341,12 @@ def build(args: argparse.Namespace) -> int:
                     job = inflight.pop(fu)
                     try:
                         res = fu.result()
-                    except Exception as e:  # one failed request is logged and retried next run
-                        print(f"request {job_key(job)} failed: {e}", flush=True)
+                    except Exception as e:
+                        failures += 1
+                        retry.append(job)
+                        print(f"request {job_key(job)} failed ({failures} in a row): {e}", flush=True)
                         continue
+                    failures = 0
                     out_ids = [int(x) for x in res.get("output_ids") or []]
                     fr = (res.get("meta_info") or {}).get("finish_reason") or {}
                     writer.write({"key": job_key(job), "src": job.prompt.src, "domain": DOMAIN_OF[job.prompt.src],
@@ -348,6 +355,18 @@ def build(args: argparse.Namespace) -> int:
                                   "finish": fr.get("type") if isinstance(fr, dict) else str(fr),
                                   "prompt_len": len(job.ids), "ids": job.ids + out_ids})
                     new_tokens += len(out_ids)
+                if failures >= args.concurrency and not inflight:
+                    # the server died (e.g. the OOM killer on a shared machine): restart it, or give up
+                    if server is None or restarts >= args.max_restarts:
+                        print(f"{failures} requests failed in a row; stopping (rerun to resume)", flush=True)
+                        break
+                    restarts += 1
+                    print(f"server unreachable: restart {restarts}/{args.max_restarts}", flush=True)
+                    server.stop()
+                    time.sleep(10)
+                    server.start()
+                    url = server.url
+                    failures = 0
                 now = time.time()
                 if now - last_log > args.log_every:
                     last_log = now
@@ -362,7 +381,7 @@ def build(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         run.update(seconds=time.time() - t0, records=writer.count, answer_tokens=new_tokens, skipped_long=skipped,
-                   stopped_by_signal=stop.is_set())
+                   stopped_by_signal=stop.is_set(), server_restarts=restarts)
         man = write_manifest(out_dir, settings, runs)
         print(f"run done: {writer.count} answers, {new_tokens} tokens in {time.time() - t0:.0f}s; "
               f"corpus {man['answer_tokens']} answer tokens", flush=True)
@@ -388,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit", type=int, default=None, help="at most this many new answers (smoke runs)")
     b.add_argument("--request-timeout", type=float, default=900.0)
+    b.add_argument("--max-restarts", type=int, default=20, help="server restarts per run after it dies")
     b.add_argument("--log-every", type=float, default=60.0, help="seconds between progress lines")
     s = sub.add_parser("stats", help="print the corpus counts")
     s.add_argument("--out", default=str(REPO / "corpus"))
