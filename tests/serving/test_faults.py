@@ -121,8 +121,8 @@ def test_client_disconnect_mid_stream_frees_kv_and_slots(plain_server) -> None:
                 got += 1
                 if got >= 2:
                     break  # the agent goes away mid-answer
-        during = metrics(url)
-        assert during["sglang:num_running_reqs"] >= 1
+        # running now (SGLang's gauge is only republished every few dozen steps: ask the agent API)
+        assert next(x for x in agents(url)["agents"] if x["agent_id"] == "quitter")["running"] == 1
     # 2000 tokens take minutes here: everything back within 60 s means the request was aborted
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:
