@@ -100,6 +100,7 @@ _PLUGGABLE: list[tuple[str, str, str]] = [
     ("corpus", "sglang_ext.dspark.corpus", "build the self-distilled drafter corpus through the real server (resumable)"),
     ("console", "console.app", "the live operator console (Textual)"),
     ("soak", "agentserve.soak", "load/soak test: simulated agents on loopback, accounting of every request, JSON + PNG"),
+    ("audit", "agentserve.audit", "where speculative greedy answers leave plain ones, and whether each is a near-tie"),
 ]
 
 

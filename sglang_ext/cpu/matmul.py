@@ -22,6 +22,10 @@ in fp32 and rounded to bf16 once, which is what the bf16 kernel computes up to a
 order (the same kind of difference a change of batch shape makes). The result keeps the
 caller's dtype.
 
+Before timing, every kernel is checked at each row count (and at one row) against a float64
+product of the same bf16 values on this CPU (tolerance in selfcheck.py); a kernel that
+disagrees is never chosen there, and the fp32 product (the reference) stands in, logged.
+
 Selected by the profile's `server.cpu_matmul`: `auto` (the default, measured), `native` (always
 the model's dtype) or `fp32` (fp32 from two rows on, without timing).
 """
@@ -35,6 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sglang_ext import config
+from sglang_ext.cpu import selfcheck
 
 log = logging.getLogger("agentserve.cpu_matmul")
 
@@ -45,6 +50,7 @@ BUCKETS = (2, 3, 4, 6, 8, 16, 32, 64, 128)
 MARGIN = 0.9  # an fp32 kernel must be at least 10 % faster than the native one to be chosen
 
 NATIVE, F32, F32_T = 0, 1, 2  # bf16 x @ W.T; fp32 x @ W.T; fp32 (W @ x.T).T (wide weights, few rows)
+KIND_NAMES = ("bf16", "fp32", "fp32_t")
 
 
 def _available_bytes() -> int:
@@ -104,26 +110,70 @@ class GemmChooser:
         self.kinds: dict[tuple[int, int], tuple[int, ...]] = {}  # shape -> kernel per bucket
         self._w32: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}  # (storage, shape) -> (copy, version)
         self.min_rows = buckets[0]  # fewer rows: straight to the native kernel (one comparison)
+        self.one_row: dict[tuple[int, int], int] = {}  # shape -> the one-row kernel (NATIVE unless its check failed)
+
+    def verify(self, w: torch.Tensor) -> dict[int, set[int]]:
+        """Per row count (1 and each bucket): the kernels whose product agrees with the float64
+        reference on this CPU (selfcheck.py states the tolerance). Random rows, the real weight."""
+        n, k = w.shape
+        g = torch.Generator().manual_seed(n * 131 + k)
+        x = torch.randn(max(self.buckets), k, generator=g).to(w.dtype)
+        cols = selfcheck.check_columns(n)
+        w32 = w.detach().float()
+        ok: dict[int, set[int]] = {}
+        for m in (1,) + tuple(self.buckets):
+            ok[m] = set()
+            for kind in (NATIVE, F32, F32_T):
+                out = _run(kind, x[:m], w, w32).to(w.dtype)  # rounded as linear() rounds it
+                err = selfcheck.gemm_error(out, x[:m], w, cols)
+                if err <= 1.0:
+                    ok[m].add(kind)
+                else:
+                    log.warning("cpu_matmul %dx%d: the %s kernel at %d rows is off the float64 reference by %.1fx "
+                                "the tolerance on this CPU; not used there", n, k, KIND_NAMES[kind], m, err)
+        return ok
 
     def measure(self, w: torch.Tensor) -> tuple[int, ...]:
         n, k = w.shape
+        ok = self.verify(w)
+        if NATIVE not in ok[1]:
+            self.min_rows = 1  # one-row products must come here too: their native kernel failed
         if self.force_fp32:
-            log.info("cpu_matmul %dx%d: fp32_t from 2 rows (cpu_matmul: fp32)", n, k)
-            return tuple(F32_T for _ in self.buckets)
+            kinds = tuple(self._fallback(F32_T, ok[m], n, k, m) for m in self.buckets)
+            log.info("cpu_matmul %dx%d: fp32_t from 2 rows (cpu_matmul: fp32), checked against float64", n, k)
+            self.one_row[(n, k)] = self._fallback(NATIVE, ok[1], n, k, 1)
+            return kinds
         w32 = w.detach().float()
         kinds = []
         native_out = False  # the native kernel grows ~linearly in M here: stop timing it
         for m in self.buckets:
             x = torch.randn(m, k, dtype=w.dtype)
-            t = {F32: _time(lambda: _run(F32, x, w, w32), self.reps),
-                 F32_T: _time(lambda: _run(F32_T, x, w, w32), self.reps)}
-            t_native = float("inf") if native_out else _time(lambda: _run(NATIVE, x, w, w32), self.reps)
-            best = min(t, key=t.get)
-            kinds.append(best if t[best] < MARGIN * t_native else NATIVE)
-            native_out = native_out or t_native > 2 * t[best]
-        log.info("cpu_matmul %dx%d: kernel per row count %s", n, k,
-                 {m: ("bf16", "fp32", "fp32_t")[c] for m, c in zip(self.buckets, kinds)})
+            cands = ok[m] - {NATIVE}
+            t = {c: _time(lambda c=c: _run(c, x, w, w32), self.reps) for c in cands}
+            t_native = (float("inf") if native_out or NATIVE not in ok[m]
+                        else _time(lambda: _run(NATIVE, x, w, w32), self.reps))
+            best = min(t, key=t.get) if t else NATIVE
+            chosen = best if t and t[best] < MARGIN * t_native else NATIVE
+            kinds.append(self._fallback(chosen, ok[m], n, k, m))
+            native_out = native_out or (bool(t) and t_native > 2 * t[best])
+        self.one_row[(n, k)] = self._fallback(NATIVE, ok[1], n, k, 1)
+        log.info("cpu_matmul %dx%d: kernel per row count %s (each checked against float64)", n, k,
+                 {m: KIND_NAMES[c] for m, c in zip(self.buckets, kinds)})
         return tuple(kinds)
+
+    @staticmethod
+    def _fallback(kind: int, ok: set[int], n: int, k: int, m: int) -> int:
+        """`kind` if it passed the check at m rows, else the reference (fp32 product, F32) where
+        that passed, else the native kernel (logged: nothing here agrees with float64)."""
+        if kind in ok:
+            return kind
+        for alt in (F32, F32_T, NATIVE):
+            if alt in ok:
+                log.warning("cpu_matmul %dx%d: %d rows fall back to the %s kernel", n, k, m, KIND_NAMES[alt])
+                return alt
+        log.error("cpu_matmul %dx%d: no kernel agrees with the float64 reference at %d rows; keeping %s",
+                  n, k, m, KIND_NAMES[kind])
+        return kind
 
     def kind(self, m: int, w: torch.Tensor) -> int:
         if m < self.min_rows:
@@ -132,6 +182,8 @@ class GemmChooser:
         kinds = self.kinds.get(shape)
         if kinds is None:
             kinds = self.kinds[shape] = self.measure(w)
+        if m < self.buckets[0]:  # min_rows was lowered: a one-row native product failed its check
+            return self.one_row.get(shape, NATIVE)
         i = 0
         while i + 1 < len(self.buckets) and self.buckets[i + 1] <= m:
             i += 1
