@@ -25,6 +25,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_ext import config
+from sglang_ext.cpu import selfcheck
 
 TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
 DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
@@ -163,6 +164,7 @@ def around_decode_sdpa(original: Callable[..., torch.Tensor], backend: Any, quer
     if not _announced:
         _announced = True
         log.info("cpu_attention: %s decode attention runs in fp32 (server.cpu_attention: fp32)", query.dtype)
+    sdpa_ok = selfcheck.fp32_sdpa_ok()  # once per process, at first use
     rows = req_pool_indices.tolist()
     lens = seq_lens.tolist()
     for i, (r, n) in enumerate(zip(rows, lens)):
@@ -170,6 +172,9 @@ def around_decode_sdpa(original: Callable[..., torch.Tensor], backend: Any, quer
         kk = gather(k_cache, slots, torch.float32)  # [1, heads_kv, n, d]
         vv = gather(v_cache, slots, torch.float32)
         qq = query[i:i + 1].movedim(0, 1).unsqueeze(0).float()  # [1, heads_q, 1, d]
-        o = scaled_dot_product_attention(qq, kk, vv, scale=scaling, enable_gqa=enable_gqa, is_causal=causal)
+        if sdpa_ok:
+            o = scaled_dot_product_attention(qq, kk, vv, scale=scaling, enable_gqa=enable_gqa, is_causal=causal)
+        else:  # torch's fp32 SDPA failed its check on this CPU (selfcheck.py): explicit products
+            o = selfcheck.reference_attention(qq, kk, vv, scaling, enable_gqa)
         output[i:i + 1] = o.squeeze(0).movedim(1, 0)
     return output
