@@ -32,6 +32,17 @@ DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAtt
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def supports_ragged_verify(backend: Any) -> bool:
+    """Whether `backend` reads a ragged TARGET_VERIFY batch (`agentserve_widths`: request r
+    verifies only its own 1 + l_r positions, packed). Only SGLang's torch_native backend with
+    our verify hook installed does; any other backend (every GPU backend today, or
+    torch_native without the hook) gets SGLang's uniform padded layout, which they all read."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return type(backend) is TorchNativeAttnBackend and TARGET in HookRegistry._patched
+
+
 def decode_mode_from_profile() -> str:
     """`server.cpu_attention` of the profile the launcher passed: fp32 (default) or native."""
     return config.served().server.cpu_attention

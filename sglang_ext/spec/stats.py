@@ -10,10 +10,39 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What the last decode step did, for metrics, the console and the step trace."""
+
+    batch_size: int = 0
+    verify_width: int = 1
+    verify_tokens: int = 0  # batch tokens of the forward (ragged: sum of 1 + l_r; plain: batch size)
+    verify_lens: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    schedule_s: float = 0.0
+    verify_s: float = 0.0
+    fallback: bool = False
+    plain: bool = False  # nothing verified beyond the anchor: plain decoding's DECODE step
+    sources: list[str] = field(default_factory=list)  # "copy" | "radix" | "model" | "none" per request
+    agents: list[str] = field(default_factory=list)  # agent label per request ("" untagged)
+    tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
+    emitted: list[int] = field(default_factory=list)  # tokens committed per request
+    expected: list[float] = field(default_factory=list)  # expected accepted drafts per request, before sampling
+    # What the step's continuing requests waited for since the previous decode step: the gap
+    # from its end to this step's start, and the prefill forwards run in that gap (a prefill
+    # stall: every running stream stops while a new request is prefilled).
+    gap_s: float = 0.0
+    prefill_s: float = 0.0
+    waited: list[bool] = field(default_factory=list)  # per request: was in the previous decode step
+    rids: list[str] = field(default_factory=list)  # trace only
+    t: float = 0.0  # wall-clock end of the step (trace only)
 _m: dict[str, Any] | None = None
 _trace_path = os.environ.get("AGENTSERVE_STEP_TRACE") or None
 

@@ -13,10 +13,16 @@ where c is fitted from the variation of kv among steps with the same B (a within
 regression, so f may keep any shape in B) and f(B) is each bucket's mean time less c times its
 mean kv. Decisions for one step compare B's at that step's kv.
 
-Until a bucket has enough samples the table falls back to a prior cost model (time grows
-linearly in B with slope `prior_slope` per token relative to a 1-token step; 1/7 matches the
-verify(8)/verify(1) ≈ 2 measured for the bundled model in fp32 on this CPU). The table is cached
-on disk per model, dtype and machine, so a restarted server starts from what it learned.
+This is the project's one step-cost model: the worker's plan (Algorithm 1, padding, the
+pre-draft width check), the draft gate's verify costs, the load report's forward costs (and
+through it admission and prefill pacing) all read it, and PRIOR_SLOPE is the one prior.
+
+Until a bucket has enough samples the table falls back to a prior: the start-up measurement
+(`measure_startup`: the target's own weight products timed at each batch-token count, a few
+seconds at server start, logged), scaled to the measured steps once there are any; without it
+a linear cost, slope PRIOR_SLOPE per token relative to a 1-token step (1/7 matches the
+verify(8)/verify(1) ~ 2 measured for the bundled model in fp32 on a 2-core CPU). The table is
+cached on disk per model, dtype and machine, so a restarted server starts from what it learned.
 """
 
 from __future__ import annotations
@@ -25,27 +31,73 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
+
+import torch
 
 from sglang_ext.dspark.sps import SPSTable, cache_key
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("AGENTSERVE_CACHE", Path.home() / ".cache" / "agentserve"))
+PRIOR_SLOPE = 1 / 7  # t(B) = t(1) (1 + slope (B - 1)) where nothing is measured
+CURVE_B = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)  # batch-token counts reported and measured
 
 
-class OnlineSPS:
+def _weights(model: Any) -> list[torch.Tensor]:
+    """The 2-D weights a decode step multiplies by (every linear layer and the LM head; the
+    input embedding is a lookup, unless the LM head shares it)."""
+    out, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or id(p) in seen or ("embed" in name and getattr(model, "lm_head", None) is None):
+            continue
+        seen.add(id(p))
+        out.append(p.detach())
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is not None and id(head) not in seen:
+        out.append(head.detach())
+    return out
+
+
+def measure_startup(model: Any, counts: tuple[int, ...] = CURVE_B, budget_s: float = 4.0,
+                    reps: int = 2) -> dict[int, float]:
+    """Seconds of the target's weight products for a forward of B tokens, B in `counts`
+    (best of `reps`; stops early at `budget_s`). A CPU's GEMM kernels change with the row count,
+    which is the shape a step-cost prior must have; attention is the K/V part of the model."""
+    ws = _weights(model)
+    if not ws:
+        return {}
+    t_end = time.perf_counter() + budget_s
+    out: dict[int, float] = {}
+    with torch.no_grad():
+        for b in counts:
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for w in ws:
+                    torch.nn.functional.linear(torch.ones(b, w.shape[1], dtype=w.dtype, device=w.device), w)
+                best = min(best, time.perf_counter() - t0)
+            out[b] = best
+            if time.perf_counter() > t_end:
+                break
+    return out
+
+
+class StepCost:
     min_samples = 4
     rebuild_every = 16
     save_every = 128
 
     window = 512  # recent steps the K/V slope is fitted on
 
-    def __init__(self, path: Path | None, prior_slope: float = 1 / 7, ema: float = 0.1):
+    def __init__(self, path: Path | None, prior_slope: float = PRIOR_SLOPE, ema: float = 0.1,
+                 startup: Optional[dict[int, float]] = None):
         self.path = path
         self.prior_slope = prior_slope
+        self.startup = dict(startup or {})  # measure_startup's seconds per B: the prior's shape
         self.ema = ema
         self.seconds: dict[int, float] = {}  # EMA of measured seconds per B (raw)
         self.kv: dict[int, float] = {}  # EMA of those steps' K/V lengths
@@ -67,13 +119,34 @@ class OnlineSPS:
                 log.warning("ignoring unreadable SPS cache %s: %s", path, e)
 
     @classmethod
-    def for_model(cls, model_id: str, dtype: str = "") -> OnlineSPS:
+    def for_model(cls, model_id: str, dtype: str = "", startup: Optional[dict[int, float]] = None) -> StepCost:
         # dtype in the key: an fp32 server's costs are not a bf16 one's
-        return cls(CACHE_DIR / f"sps-online-{cache_key(model_id + ('|' + dtype if dtype else ''))}.json")
+        return cls(CACHE_DIR / f"sps-online-{cache_key(model_id + ('|' + dtype if dtype else ''))}.json",
+                   startup=startup)
 
-    def _prior(self, t1: float = 1.0) -> SPSTable:
-        bs = [1, 2, 4, 8, 16, 32, 64, 128]
-        return SPSTable(bs, [1.0 / (t1 * (1 + self.prior_slope * (b - 1))) for b in bs])
+    def shape(self, b: int) -> float:
+        """The prior's relative cost at B (1.0 at B = 1): the start-up measurement,
+        interpolated, where there is one; else linear with PRIOR_SLOPE."""
+        pts = self.startup
+        if len(pts) >= 2 and 1 in pts:
+            xs = sorted(pts)
+            if b <= xs[-1]:
+                hi = next(x for x in xs if x >= b)
+                lo = max((x for x in xs if x <= b), default=hi)
+                t = pts[lo] if hi == lo else pts[lo] + (pts[hi] - pts[lo]) * (b - lo) / (hi - lo)
+            else:  # past the measurement: linear in B from its last point
+                t = pts[xs[-1]] * b / xs[-1]
+            return t / pts[1]
+        return 1 + self.prior_slope * (b - 1)
+
+    def _prior(self, t1: Optional[float] = None) -> SPSTable:
+        """SPS table of the prior, scaled so a 1-token step costs t1 (default: the start-up
+        measurement's own seconds, else 1)."""
+        if t1 is None:
+            t1 = self.startup.get(1, 1.0)
+        self._t1 = t1
+        bs = sorted(set(CURVE_B) | set(self.startup))
+        return SPSTable(bs, [1.0 / (t1 * self.shape(b)) for b in bs])
 
     def observe(self, b: int, seconds: float, kv: float = 0.0) -> None:
         """One forward of b batch tokens took `seconds`; its queries read `kv` K/V positions."""
@@ -123,7 +196,7 @@ class OnlineSPS:
             return
         # Scale the prior to the measured 1-token (or smallest) step so unmeasured B stay comparable.
         b0 = good[0]
-        t1 = self._base(b0) / (1 + self.prior_slope * (b0 - 1))
+        t1 = self._base(b0) / self.shape(b0)
         prior = self._prior(t1)
         pts = {b: 1.0 / self._base(b) for b in good}
         for b in prior.batch_sizes:
@@ -161,7 +234,17 @@ class OnlineSPS:
             extra = self.kv_slope * float(kv)
             if self.count.get(b, 0) >= self.min_samples:
                 return self._base(b) + extra
+            top = max((k for k, c in self.count.items() if c >= self.min_samples), default=0)
+        if self.startup and b > top:  # the start-up shape, bumps kept (the table would smooth them)
+            return self._t1 * self.shape(b) + extra
         return 1.0 / self.table(b) + extra
+
+    def curve(self) -> dict[int, float]:
+        """Forward seconds at each batch-token count of CURVE_B: measured (K/V part included)
+        where enough samples exist, else the table (measured steps and the prior). What the
+        load report carries, so the HTTP side needs no cost prior of its own."""
+        got = self.measured()
+        return {b: got[b] if b in got else self.step_seconds(b) for b in CURVE_B}
 
     def measured(self) -> dict[int, float]:
         """Forward seconds per batch-token count as measured (K/V part included), where enough

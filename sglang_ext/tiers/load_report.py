@@ -8,7 +8,8 @@ worker knows what admission needs to predict a tier's speed before admitting one
 - tokens emitted per step per request (τ), per tier, under the current drafting, and the τ of
   the slowest running request of each tier (a tier's mean hides the request whose drafts do
   not pay, and that request is the one that misses the promise);
-- the forward cost per batch-token count (OnlineSPS), to extrapolate to an unseen B;
+- the forward cost per batch-token count (the one step-cost model, spec/step_cost.py:
+  measured where seen, its prior elsewhere), to extrapolate to an unseen B;
 - per tier, how many running requests are below their target right now (tier-aware
   scheduling measures each request's decode speed so far), which admission's rule (b) uses.
 `LoadPublisher` (scheduler) writes them a few times a second as one small JSON file beside
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 MIN_PERIODS = 3  # samples before a batch size's measured period is used as is
 RECENT = 16  # finished requests per tier whose τ predicts attainment
 MIN_SAMPLES = 4  # requests (running or finished) before a tier's attainment is predicted
-PRIOR_SLOPE = 0.2  # f(B) = 1 + slope (B - 1) when no forward cost is known (a 2-core CPU's slope)
+# f(B) = 1 + slope (B - 1) when no forward cost is known: the step-cost model's one prior
+# (the report's "forward" curve already carries that model's costs, so this is rarely used)
+from sglang_ext.spec.step_cost import PRIOR_SLOPE  # noqa: E402
 
 
 def report_path(port: int) -> Optional[Path]:

@@ -151,3 +151,25 @@ def test_half_precision_decode_runs_in_fp32_and_everything_else_is_sglangs() -> 
         run(lambda *a, **k: around_decode_sdpa(lambda *a2, **k2: calls.append(k2), *a, **k), q32.bfloat16(),
             k32.bfloat16(), v32.bfloat16(), **kw)
     assert len(calls) == 3 and calls[1]["sliding_window_size"] == 16 and calls[2]["is_cross_attn"] is True
+
+
+def test_only_torch_native_with_our_verify_hook_reads_ragged_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker asks the backend before sending a packed ragged batch: torch_native with our
+    hook installed says yes; the same backend without the hook, a subclass (which may override
+    forward_extend) or any other backend says no and gets the uniform layout."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_ext.cpu.attention import TARGET, supports_ragged_verify
+
+    native = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)  # the type is what matters
+
+    class OtherBackend(TorchNativeAttnBackend):
+        pass
+
+    monkeypatch.setattr(HookRegistry, "_patched", set(HookRegistry._patched) - {TARGET})
+    assert not supports_ragged_verify(native)
+    monkeypatch.setattr(HookRegistry, "_patched", set(HookRegistry._patched) | {TARGET})
+    assert supports_ragged_verify(native)
+    assert not supports_ragged_verify(OtherBackend.__new__(OtherBackend))
+    assert not supports_ragged_verify(SimpleNamespace(forward_extend=None))

@@ -167,6 +167,36 @@ def test_concurrent_mixed_widths_identical_to_plain(plain_server, agentspark_ser
     assert _counter(agentspark_server.url, "agentserve:verify_ragged_steps_total") > before  # ragged steps ran
 
 
+@pytest.fixture(scope="module")
+def uniform_verify_server(start_server):
+    """AGENTSPARK with the ragged layout off: the uniform padded TARGET_VERIFY batch SGLang's own
+    attention backends read (what the worker sends to any backend without ragged support)."""
+    from agentserve.profile import load_profile
+
+    base = load_profile(Path(__file__).resolve().parents[1] / "profiles" / "agentspark-fp32.yaml")
+    return start_server("agentspark-fp32.yaml", name="test-agentspark-uniform",
+                        drafter=base.drafter.model_copy(update={"ragged_verify": False}))
+
+
+def test_uniform_verify_fallback_identical_to_plain(plain_server, uniform_verify_server) -> None:
+    # The batch of test_concurrent_mixed_widths_identical_to_plain, verified in the uniform
+    # layout: greedy output still plain decoding's, drafts really verified, no ragged step.
+    import concurrent.futures as cf
+
+    url = uniform_verify_server.url
+    repeat = chat("List five colours of the rainbow, one per line.")
+    fresh = [chat(p) for p in ("Name two planets.", "What is 7 times 8?", "Say hello in French.")]
+    sp = {"temperature": 0, "max_new_tokens": 40}
+    gen(url, {"text": repeat, "sampling_params": sp})  # now in the radix tree
+    ref = [gen(plain_server.url, {"text": t, "sampling_params": sp})["output_ids"] for t in [repeat] + fresh]
+    before = sum(_source_counts(url).values())
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda t: gen(url, {"text": t, "sampling_params": sp})["output_ids"], [repeat] + fresh))
+    assert got == ref
+    assert sum(_source_counts(url).values()) > before  # drafts were verified (multi-position steps)
+    assert _counter(url, "agentserve:verify_ragged_steps_total") == 0
+
+
 def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server) -> None:
     # Sampled requests that repeat a prompt: later ones get continuations copied from the radix
     # tree (earlier samples) and verified as deterministic drafts. Two clients at a time keep

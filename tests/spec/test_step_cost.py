@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sglang_ext.spec.step_cost import OnlineSPS
+from sglang_ext.spec.step_cost import StepCost
 
 
-def fed(points: dict[int, float], path: Path | None = None, n: int = 16) -> OnlineSPS:
-    sps = OnlineSPS(path)
+def fed(points: dict[int, float], path: Path | None = None, n: int = 16) -> StepCost:
+    sps = StepCost(path)
     for _ in range(n):
         for b, sec in points.items():
             sps.observe(b, sec)
@@ -46,7 +46,7 @@ def test_cache_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "sps.json"
     sps = fed({1: 0.07, 8: 0.14}, path)
     sps.save()
-    again = OnlineSPS(path)
+    again = StepCost(path)
     assert again.step_seconds(8) == pytest.approx(sps.step_seconds(8))
     assert again(1) == pytest.approx(sps(1))
 
@@ -56,8 +56,8 @@ def true_cost(b: int, kv: float) -> float:
     return {1: 0.05, 2: 0.08, 8: 0.06, 24: 0.07}[b] + 3e-5 * kv
 
 
-def fed_kv(path: Path | None = None) -> OnlineSPS:
-    sps = OnlineSPS(path)
+def fed_kv(path: Path | None = None) -> StepCost:
+    sps = StepCost(path)
     for i in range(64):
         for b in (1, 2, 8, 24):
             kv = 200 + 300 * ((i * 7 + b) % 10)  # contexts from 200 to 2900 tokens, mixed per B
@@ -77,7 +77,7 @@ def test_kv_slope_is_fitted_within_each_token_count() -> None:
 def test_phase_mixed_table_prices_extra_positions_at_the_steps_context() -> None:
     # Short chats measured B=8, long agent turns B=24: a table keyed on B alone calls the
     # 16 extra positions 0.13 s dearer; at one step's context they cost 0.01 s.
-    sps = OnlineSPS(None)
+    sps = StepCost(None)
     for i in range(32):
         sps.observe(8, true_cost(8, 400 + 10 * (i % 5)), 400 + 10 * (i % 5))
         sps.observe(8, true_cost(8, 4000 + 10 * (i % 5)), 4000 + 10 * (i % 5))
@@ -98,10 +98,35 @@ def test_cache_keeps_the_kv_model(tmp_path: Path) -> None:
     path = tmp_path / "sps.json"
     sps = fed_kv(path)
     sps.save()
-    again = OnlineSPS(path)
+    again = StepCost(path)
     assert again.kv_slope == pytest.approx(sps.kv_slope)
     assert again.step_seconds(8, 1500) == pytest.approx(sps.step_seconds(8, 1500))
 
 
 def test_cache_file_differs_per_dtype() -> None:
-    assert OnlineSPS.for_model("m", "bfloat16").path != OnlineSPS.for_model("m", "float32").path
+    assert StepCost.for_model("m", "bfloat16").path != StepCost.for_model("m", "float32").path
+
+
+def test_startup_measurement_is_bounded_and_shapes_the_prior() -> None:
+    import time
+
+    import torch
+
+    from sglang_ext.spec.step_cost import PRIOR_SLOPE, measure_startup
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    t0 = time.perf_counter()
+    pts = measure_startup(model, counts=(1, 2, 4, 8), budget_s=2.0)
+    assert time.perf_counter() - t0 < 5.0 and sorted(pts) == [1, 2, 4, 8] and all(v > 0 for v in pts.values())
+    # a prior with a bump at 2 (a CPU's GEMM kernel change), kept until steps are measured
+    cost = StepCost(None, startup={1: 0.01, 2: 0.03, 4: 0.02, 8: 0.04})
+    assert cost.shape(2) == pytest.approx(3.0) and cost.shape(3) == pytest.approx(2.5)
+    assert cost.shape(16) == pytest.approx(8.0)  # linear past the measurement
+    assert cost.cheapest_width(1, 2, 4)[0] == 4  # the start-up shape already says 4 beats 2
+    assert StepCost(None).shape(8) == pytest.approx(1 + 7 * PRIOR_SLOPE)  # no measurement: the one prior
+    # once steps are measured, the prior is scaled to them
+    for _ in range(16):
+        cost.observe(1, 0.05)
+    assert cost.step_seconds(4) == pytest.approx(0.05 * 2.0)
+    curve = cost.curve()
+    assert curve[1] == pytest.approx(0.05) and curve[4] == pytest.approx(0.10)
