@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from typing import Hashable
 
+from sglang_ext.spec.step_cost import PRIOR_SLOPE
+
 
 class DraftGate:
     def __init__(self, prior_accepted: float = 1.0, ema: float = 0.3, probe_every: int = 8,
-                 time_ema: float = 0.2, prior_slope: float = 1 / 7, max_probe_every: int = 64) -> None:
-        self.prior_slope = prior_slope  # t(W) = t(1) * (1 + slope (W-1)) until t(1) is measured
+                 time_ema: float = 0.2, prior_slope: float = PRIOR_SLOPE, max_probe_every: int = 64) -> None:
+        self.prior_slope = prior_slope  # t(W) = t(1) * (1 + slope (W-1)) until t(1) is measured (step_cost's prior)
         self.ema, self.time_ema = ema, time_ema
         self.probe_every = int(probe_every)
         self.max_probe_every = max(int(max_probe_every), self.probe_every)
