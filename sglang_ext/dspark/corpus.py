@@ -183,10 +183,11 @@ def load_corpus(out_dir: str | Path, split: Optional[str] = None) -> list[dict[s
     seen: set[str] = set()
     out = []
     for r in iter_records(out_dir):
-        if r["key"] in seen or (split is not None and r["split"] != split):
+        if r["key"] in seen:
             continue
-        seen.add(r["key"])
-        out.append(r)
+        seen.add(r["key"])  # the first record of a key wins, whatever split is asked for
+        if split is None or r["split"] == split:
+            out.append(r)
     return out
 
 
