@@ -1,7 +1,8 @@
 """The fp32 GEMM path (sglang_ext/cpu/matmul.py) inside a real bf16 SGLang server: the same
 prompt scored by a server forced onto it (`server.cpu_matmul: fp32`) and by one on the
-native bf16 kernels gives the same log-probabilities up to bf16 rounding, and the forced
-server's log shows the fp32 kernels were chosen."""
+native bf16 kernels gives the same log-probabilities up to bf16 rounding (teacher forcing: the
+prompt's own tokens, scored by prefill, never two free-running greedy answers), and the forced
+server's log shows the fp32 kernels were chosen and passed their float64 check."""
 
 from __future__ import annotations
 
@@ -47,3 +48,4 @@ def test_fp32_gemm_scores_like_native_bf16(matmul_pair: tuple) -> None:
     log = forced.log_path.read_text()
     assert "cpu_matmul" in log and "fp32_t from 2 rows" in log
     assert "fp32_t" not in native.log_path.read_text()
+    assert "off the float64 reference" not in log  # every kernel passed its check on this CPU (selfcheck.py)
