@@ -8,6 +8,7 @@ greater than 0 (got -5)``, so a user never sees a traceback for a typo.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,8 +292,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         elif part in ("function-after", "function-before") or str(part).startswith(("function-", "literal[")):
             continue
-        else:
-            out += ("." if out else "") + str(part)
+        else:  # a key that is empty or has odd characters is shown quoted
+            name = str(part) if re.fullmatch(r"[A-Za-z0-9_.-]+", str(part)) else repr(str(part))
+            out += ("." if out else "") + name
     return out
 
 

@@ -71,15 +71,18 @@ def worker_agent_stats() -> dict[str, dict[str, float | None]]:
     return out
 
 
-def parse_body(raw: bytes) -> Optional[dict[str, Any]]:
-    """The request's JSON object; None when it is not one (SGLang then answers it itself)."""
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object; anything else is a 400 naming the body (SGLang's own request
+    models fail on some non-objects, e.g. `null`, with a 500)."""
     try:
-        doc = json.loads(raw) if raw else {}
-    except ValueError:
-        return None
+        doc = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        raise HttpError(400, "body", f"body: invalid JSON ({type(e).__name__})") from None
     except RecursionError:
         raise HttpError(400, "body", "body: JSON nested too deeply") from None
-    return doc if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        raise HttpError(400, "body", f"body: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def tag_request(path: str, doc: dict[str, Any], tags: dict[str, str]) -> None:
@@ -143,11 +146,10 @@ class AgentMiddleware:
             return await reply_error(send, e)
         tier = caller.tier
         label = reg.table.label(caller.agent)
-        if doc is not None:
-            tag_request(path, doc, {"__agentserve_agent": label, "__agentserve_tier": tier.name if tier else "",
-                                    "__agentserve_session": sid or ""})
-            raw = json.dumps(doc).encode()
-            scope = with_body(scope, raw)
+        tag_request(path, doc, {"__agentserve_agent": label, "__agentserve_tier": tier.name if tier else "",
+                                "__agentserve_session": sid or ""})
+        raw = json.dumps(doc).encode()
+        scope = with_body(scope, raw)
         await self._admitted(scope, raw, receive, send, caller, label)
 
     async def _admitted(self, scope: Scope, raw: bytes, receive: Receive, send: Send, caller: Caller, label: str) -> None:

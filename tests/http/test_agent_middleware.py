@@ -47,7 +47,13 @@ def stand_in_app(reg: AgentRegistry) -> tuple[FastAPI, list[dict]]:
 
     @app.post("/generate")
     async def generate(request: Request) -> JSONResponse:
-        bodies.append(json.loads(await request.body()))
+        try:
+            doc = json.loads(await request.body())
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            return JSONResponse({"object": "error", "message": "invalid request", "code": 400}, status_code=400)
+        bodies.append(doc)
         return JSONResponse({"meta_info": {"completion_tokens": 4, "e2e_latency": 0.5, "first_token_latency": 0.1}})
 
     @app.get("/get_server_info")
@@ -117,10 +123,12 @@ def test_sessions_through_the_routes(mw) -> None:
     assert snap["sessions"]["open"] == 0 and snap["tiers"][0]["admitted"] == 1
 
 
-def test_invalid_json_reaches_sglang_which_answers_it(mw) -> None:
+def test_a_body_that_is_not_a_json_object_is_400_naming_the_body(mw) -> None:
     c, bodies = mw
-    r = c.post("/v1/chat/completions", headers={"x-agent-id": "known"}, content=b"{oops")
-    assert r.status_code == 400 and bodies == []
+    for raw in (b"{oops", b"null", b"[1]", b"\xff\xfe"):
+        r = c.post("/v1/chat/completions", headers={"x-agent-id": "known"}, content=raw)
+        assert r.status_code == 400 and r.json()["param"] == "body", r.text
+    assert bodies == []
     r = c.post("/v1/chat/completions", headers={"x-agent-id": "known"}, content=b"[" * 100_000)
     assert r.status_code == 400 and r.json()["param"] == "body"
 

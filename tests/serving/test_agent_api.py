@@ -226,3 +226,67 @@ def test_parallel_tool_calls_in_history_render_and_are_answered(plain_server) ->
             {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"city": "Paris", "temperature_c": 11})}]
     r = c.chat.completions.create(model="default", messages=msgs, tools=[WEATHER_TOOL], temperature=0, max_tokens=24)
     assert r.choices[0].message.content and r.usage.prompt_tokens > 100
+
+
+AUTH_KEYS = {"admin": "admin-4f1c9a7e2b", "agents": {"alice": "alice-9d2e7b1c4a", "bob": "bob-3a8f6c2d1e"}}
+
+
+@pytest.fixture(scope="module")
+def auth_server(start_server, tmp_path_factory):
+    """The plain server with API keys: alice (tier standard and below), bob (solo only), an admin."""
+    import yaml
+
+    from agentserve.profile import AgentSpec, AuthSpec
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(yaml.safe_dump(AUTH_KEYS))
+    keys.chmod(0o600)
+    return start_server("plain-fp32.yaml", name="test-auth", auth=AuthSpec(keys_file=str(keys)),
+                        agents={"alice": AgentSpec(tier="standard"), "bob": AgentSpec(tier="solo", tiers=["solo"])})
+
+
+def keyed(url: str, key: str | None, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key or "", max_retries=0, timeout=600, default_headers=headers)
+
+
+def test_api_keys_on_a_real_server_the_auth_matrix(auth_server) -> None:
+    url = auth_server.url
+    ask = dict(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
+    # the server started: SGLang's own warmup got through with the process's internal key
+    assert "API keys required" in auth_server.log_path.read_text(errors="replace")
+    with pytest.raises(openai.AuthenticationError) as e:  # no key (the client sends "Bearer ")
+        keyed(url, None).chat.completions.create(**ask)
+    assert "authorization" in str(e.value)
+    with pytest.raises(openai.AuthenticationError):
+        keyed(url, "not-a-key").chat.completions.create(**ask)
+    alice = AUTH_KEYS["agents"]["alice"]
+    assert keyed(url, alice).chat.completions.create(**ask).choices[0].message.content is not None
+    with pytest.raises(openai.PermissionDeniedError) as e:  # alice's key claiming bob
+        keyed(url, alice, **{"x-agent-id": "bob"}).chat.completions.create(**ask)
+    assert "belongs to agent 'alice'" in str(e.value)
+    with pytest.raises(openai.PermissionDeniedError) as e:  # bob above his allowance
+        keyed(url, AUTH_KEYS["agents"]["bob"], **{"x-agent-tier": "standard"}).chat.completions.create(**ask)
+    assert "may not use tier 'standard'" in str(e.value)
+    assert keyed(url, AUTH_KEYS["agents"]["bob"]).chat.completions.create(**ask).usage.completion_tokens > 0
+    # admin-only endpoints: 401 without a key, 403 with an agent's, 200 with the admin's
+    h = {"Authorization": f"Bearer {alice}"}
+    admin = {"Authorization": f"Bearer {AUTH_KEYS['admin']}"}
+    for path in ("/metrics", "/agentserve/v1/agents", "/agentserve/v1/sessions", "/get_server_info"):
+        assert requests.get(url + path, timeout=30).status_code == 401, path
+        assert requests.get(url + path, headers=h, timeout=30).status_code == 403, path
+        assert requests.get(url + path, headers=admin, timeout=30).status_code == 200, path
+    assert requests.get(url + "/health", timeout=30).status_code == 200
+    table = requests.get(url + "/agentserve/v1/agents", headers=admin, timeout=30).json()
+    assert {a["agent_id"]: a["tier"] for a in table["agents"]} == {"alice": "standard", "bob": "solo"}
+    # sessions are the key's agent's: bob cannot use, read or close alice's
+    sess = requests.post(url + "/agentserve/v1/sessions", headers=h, json={}, timeout=30).json()
+    assert sess["agent_id"] == "alice"
+    with pytest.raises(openai.PermissionDeniedError):
+        keyed(url, AUTH_KEYS["agents"]["bob"], **{"x-session-id": sess["id"]}).chat.completions.create(**ask)
+    bob_h = {"Authorization": f"Bearer {AUTH_KEYS['agents']['bob']}"}
+    assert requests.delete(url + f"/agentserve/v1/sessions/{sess['id']}", headers=bob_h, timeout=30).status_code == 403
+    r = keyed(url, alice, **{"x-session-id": sess["id"]}).chat.completions.create(**ask)
+    assert r.usage.completion_tokens > 0
+    # error bodies carry no server paths or tracebacks
+    bad = requests.post(url + "/v1/chat/completions", headers=h, json={"model": "default", "messages": "x"}, timeout=60)
+    assert 400 <= bad.status_code < 500 and "Traceback" not in bad.text and "site-packages" not in bad.text
