@@ -308,7 +308,7 @@ def build(args: argparse.Namespace) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(prof, log_path=log)
         print(f"starting SGLang ({args.profile}) on {server.url}", flush=True)
-        server.start()
+        server.start(timeout=args.start_timeout)
         url = server.url
     restarts = 0
     failures = 0  # consecutive failed requests
@@ -365,7 +365,7 @@ def build(args: argparse.Namespace) -> int:
                     print(f"server unreachable: restart {restarts}/{args.max_restarts}", flush=True)
                     server.stop()
                     time.sleep(10)
-                    server.start()
+                    server.start(timeout=args.start_timeout)
                     url = server.url
                     failures = 0
                 now = time.time()
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit", type=int, default=None, help="at most this many new answers (smoke runs)")
     b.add_argument("--request-timeout", type=float, default=900.0)
+    b.add_argument("--start-timeout", type=float, default=3600.0,
+                   help="seconds to wait for the server's health (a niced start on a loaded 2-core box is slow)")
     b.add_argument("--max-restarts", type=int, default=20, help="server restarts per run after it dies")
     b.add_argument("--log-every", type=float, default=60.0, help="seconds between progress lines")
     s = sub.add_parser("stats", help="print the corpus counts")
