@@ -157,6 +157,9 @@ class AgentScreen(Screen[None]):
         self.query_one("#agent-spark-label", Static).update(f"tok/s over time (now {last})")
 
 
+SOURCE_ORDER = ("session", "shared", "radix", "model")
+
+
 def _agent_fields(a: AgentRow, tier: TierRow | None) -> list[tuple[str, str]]:
     out = [
         ("agent", a.agent_id),
@@ -168,6 +171,8 @@ def _agent_fields(a: AgentRow, tier: TierRow | None) -> list[tuple[str, str]]:
         ("tokens/s", fmt_f(a.tokens_per_s, 1)),
         ("τ (accept length)", fmt_f(a.accept_length)),
         ("copy share", fmt_pct(a.copy_share)),
+        ("accepted by source", " · ".join(f"{k} {fmt_pct(a.source_share[k])}" for k in SOURCE_ORDER
+                                          if k in a.source_share) or NA),
     ]
     if tier is not None:
         meets = NA

@@ -271,6 +271,8 @@ class AgentRow:
     tokens_per_s: float | None = None
     accept_length: float | None = None
     copy_share: float | None = None
+    # accepted drafts by where they came from: session / shared / radix (copies) and model
+    source_share: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -302,6 +304,12 @@ def _num(v: Any, kind: type = float) -> Any:
     return kind(v)
 
 
+def _shares(v: Any) -> dict[str, float]:
+    if not isinstance(v, dict):
+        return {}
+    return {str(k): x for k, x in ((k, _num(x)) for k, x in v.items()) if x is not None}
+
+
 def _str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
@@ -319,7 +327,7 @@ def agents_from_json(doc: Any) -> AgentsSnapshot:
             ttft_p50_s=_num(a.get("ttft_p50_s")), ttft_p95_s=_num(a.get("ttft_p95_s")),
             itl_p50_s=_num(a.get("itl_p50_s")), itl_p95_s=_num(a.get("itl_p95_s")),
             tokens_per_s=_num(a.get("tokens_per_s")), accept_length=_num(a.get("accept_length")),
-            copy_share=_num(a.get("copy_share"))))
+            copy_share=_num(a.get("copy_share")), source_share=_shares(a.get("source_share"))))
     tiers: list[TierRow] = []
     for t in doc.get("tiers") or []:
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):

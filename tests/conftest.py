@@ -1,10 +1,12 @@
-"""Shared fixtures. Real SGLang servers are started once per test session (lazily, only when a
-test asks for one) on 127.0.0.1 and free ports, and stopped at the end."""
+"""Shared fixtures. Real SGLang servers are started lazily, only when a test asks for one, on
+127.0.0.1 and free ports. The two that many modules share (plain, agentspark) live for the
+session; the others end with their module, so at most four are alive at once."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "tests" / "profiles"
 LOGS = REPO / ".pytest_cache" / "server-logs"
 FEATURE_DUMP = LOGS / "agentspark-first-prefill-features.pt"
+
+# What one run's servers learn (the step-cost table, the served profile) must not steer the next
+# run's: a table cached by an earlier, busier run once made admission serialize every request.
+os.environ.setdefault("AGENTSERVE_CACHE", tempfile.mkdtemp(prefix="agentserve-test-cache-"))
 
 # Importing SGLang in this process (unit tests of our hooks) needs what a CPU server gets from
 # the launcher: the CPU engine switch and, where no real sgl_kernel exists, our stand-in.
@@ -76,9 +82,11 @@ def bf16_pair(name: str, field: str, values: tuple[str, str]) -> Iterator[tuple]
             next(g, None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server() -> Iterator:
-    """Factory for extra servers (profile file name + field overrides), stopped at session end."""
+    """Factory for extra servers (profile file name + field overrides), stopped at the end of the
+    module that asked: each SGLang server holds 2-3 GB here, and CI's 24 GB machine ran out of
+    memory (a server killed at start-up) when every server lived to the end of the session."""
     gens: list[Iterator] = []
 
     def start(profile_name: str, **overrides: object) -> "ServerProcess":  # noqa: F821
@@ -97,7 +105,7 @@ def plain_server() -> Iterator["ServerProcess"]:  # noqa: F821
     yield from _server("plain-fp32.yaml")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def agent_ngram_server() -> Iterator["ServerProcess"]:  # noqa: F821
     """The bundled model, fp32, with our plugin-registered AGENT_NGRAM worker."""
     yield from _server("agent-ngram-fp32.yaml")

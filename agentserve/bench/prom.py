@@ -41,7 +41,7 @@ def spec_delta(before: dict, after: dict) -> dict:
             src = dict(labels).get("source", "?")
             by_source[src] = by_source.get(src, 0.0) + value - before.get((name, labels), 0.0)
     accepted = sum(by_source.values())
-    copied = by_source.get("copy", 0.0) + by_source.get("radix", 0.0)  # the session index or the radix tree
+    copied = accepted - by_source.get("model", 0.0)  # session index, shared index or radix tree
     return {"positions": positions, "steps": steps,
             "budget_per_step": d("agentserve:verify_budget_tokens_sum") / steps if steps else None,
             "budget_per_request": d("agentserve:verify_budget_tokens_sum") / batch if batch else None,

@@ -8,10 +8,7 @@ from .config import DSparkConfig, DSparkConfigError, default_target_layer_ids
 from .drafter import DraftBlock, DraftContext, DSparkDrafter
 from .sampling import SamplingParams, process_logits, sample_block_sequential
 from .scheduler import (
-    AsyncPrefixScheduler,
     SchedulerInput,
-    budget_full_search,
-    fill_top_k,
     prefix_survival,
     schedule_algorithm1,
 )
@@ -19,9 +16,9 @@ from .sps import SPSTable, machine_fingerprint
 from .verify import VerifyResult, verify_block
 
 __all__ = [
-    "AsyncPrefixScheduler", "DSparkConfig", "DSparkConfigError", "DSparkDrafter", "DraftBlock",
+    "DSparkConfig", "DSparkConfigError", "DSparkDrafter", "DraftBlock",
     "DraftContext", "SPSTable", "STSCalibration", "SamplingParams", "SchedulerInput", "VerifyResult",
-    "budget_full_search", "default_target_layer_ids", "expected_calibration_error", "fill_top_k",
+    "default_target_layer_ids", "expected_calibration_error", "fill_top_k",
     "fit_sts", "machine_fingerprint", "prefix_survival", "process_logits", "sample_block_sequential",
     "schedule_algorithm1", "verify_block",
 ]

@@ -303,7 +303,9 @@ def build(args: argparse.Namespace) -> int:
         from agentserve.profile import load_profile
         from agentserve.server.procs import ServerProcess
 
-        prof = load_profile(args.profile)
+        # the corpus is one batch job that keeps 8 requests in flight: the tier gate would turn
+        # some away as overload (503), so it is off for this server
+        prof = load_profile(args.profile).model_copy(update={"admission_control": False})
         log = Path(args.server_log or Path.home() / ".cache" / "agentserve" / f"corpus-server-{os.getpid()}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(prof, log_path=log)

@@ -1,14 +1,13 @@
-"""Hardware-aware prefix scheduler (paper Algorithm 1) and its asynchronous production variant.
+"""Hardware-aware prefix scheduler (paper Algorithm 1).
 
 Objective: choose verify lengths l_r in [0, g] maximising Theta = tau * SPS(B) with
 B = sum_r (1 + l_r) and tau = sum_r (1 + sum_{j<=l_r} a_{r,j}), a_{r,j} = prod_{i<=j} c_{r,i}.
 
 Causality (what keeps verification lossless): c_{r,j} may depend on x_{r,j-1}, so the decision
 "x_{r,j} is verified" may only look at a_{r,<=j}.  Algorithm 1 guarantees this by admitting
-candidates in descending a and stopping at the first non-improving one.  The async variant
-decides only the budget K from stale (two-steps-old) confidences, then admits the top-K of
-the current a with ties broken by (position, request) so a request's later positions never
-outrank its earlier ones.
+candidates in descending a and stopping at the first non-improving one.  (The paper's
+asynchronous variant, a budget from two-step-old confidences, is not here: SGLang's CPU
+scheduler runs without overlap, so the confidences of the step are always at hand.)
 
 Tier-aware extension point: ``SchedulerInput`` carries optional per-request ``weight``
 (multiplies that request's expected accepted drafts in tau), ``min_len`` (forced floor,
@@ -96,69 +95,6 @@ def schedule_algorithm1(inp: SchedulerInput | torch.Tensor, sps: SPSFn, early_st
         elif early_stop:
             break
     return best_lens
-
-
-def budget_full_search(inp: SchedulerInput | torch.Tensor, sps: SPSFn) -> int:
-    """Number of draft tokens K the full (no early stop) greedy-path search would verify.
-    Meant for stale confidences, where the retrospective search is causal."""
-    lens = schedule_algorithm1(inp, sps, early_stop=False)
-    if isinstance(inp, torch.Tensor):
-        inp = SchedulerInput(inp)
-    _, _, lo, _ = inp.resolved()
-    return int((lens - lo).sum())
-
-
-def fill_top_k(inp: SchedulerInput | torch.Tensor, k: int) -> torch.Tensor:
-    """Admit the K candidates with the highest current survival (beyond the min_len floors);
-    ties broken by position then request index -> prefix-closed and causal."""
-    if isinstance(inp, torch.Tensor):
-        inp = SchedulerInput(inp)
-    c, w, lo, hi = inp.resolved()
-    a = prefix_survival(c)
-    lens = lo.clone()
-    for _, j, ri in _candidates(a, lo, hi)[: max(0, int(k))]:
-        lens[ri] = max(int(lens[ri]), j)
-    return lens
-
-
-class AsyncPrefixScheduler:
-    """Production variant (paper section 5.2).
-
-    Call ``budget_for_next(stale_conf)`` with the confidences available two steps before the
-    step being scheduled (any [R', g]; the set of requests may differ), then
-    ``schedule(current_conf, K)`` for the step itself.  ``step(current_conf)`` wraps both
-    with an internal two-step history (first steps fall back to Algorithm 1 with early stop).
-    """
-
-    def __init__(self, sps: SPSFn, lag: int = 2) -> None:
-        self.sps = sps
-        self.lag = lag
-        self._history: list[SchedulerInput] = []
-
-    def budget(self, stale: SchedulerInput | torch.Tensor, num_requests: Optional[int] = None) -> int:
-        if isinstance(stale, torch.Tensor):
-            stale = SchedulerInput(stale)
-        k = budget_full_search(stale, self.sps)
-        if num_requests is not None and stale.confidences.shape[0] > 0:
-            # Rescale the per-request budget to the current request count.
-            k = int(round(k * num_requests / stale.confidences.shape[0]))
-        return k
-
-    def schedule(self, current: SchedulerInput | torch.Tensor, k: int) -> torch.Tensor:
-        return fill_top_k(current, k)
-
-    def step(self, current: SchedulerInput | torch.Tensor) -> torch.Tensor:
-        if isinstance(current, torch.Tensor):
-            current = SchedulerInput(current)
-        r = current.confidences.shape[0]
-        if len(self._history) >= self.lag:
-            stale = self._history[-self.lag]
-            lens = self.schedule(current, self.budget(stale, num_requests=r))
-        else:
-            lens = schedule_algorithm1(current, self.sps, early_stop=True)
-        self._history.append(current)
-        self._history = self._history[-self.lag:]
-        return lens
 
 
 def expected_throughput(conf: torch.Tensor, lens: torch.Tensor, sps: SPSFn,

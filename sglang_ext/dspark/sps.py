@@ -13,9 +13,8 @@ import hashlib
 import json
 import os
 import platform
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -95,34 +94,6 @@ class SPSTable:
         b0, b1, f0, f1 = bs[i - 1], bs[i], fs[i - 1], fs[i]
         return f0 + (f1 - f0) * (b - b0) / (b1 - b0)
 
-    # ---- profiling
-    @classmethod
-    def profile(
-        cls,
-        forward: Callable[[int], None],
-        batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-        warmup: int = 1,
-        iters: int = 3,
-        sync: Optional[Callable[[], None]] = None,
-    ) -> "SPSTable":
-        """Time ``forward(B)`` (one target step over B tokens); median of `iters` runs."""
-        measured = []
-        for b in batch_sizes:
-            for _ in range(warmup):
-                forward(b)
-            if sync:
-                sync()
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                forward(b)
-                if sync:
-                    sync()
-                times.append(time.perf_counter() - t0)
-            times.sort()
-            measured.append(1.0 / max(times[len(times) // 2], 1e-9))
-        return cls(list(batch_sizes), measured)
-
     # ---- persistence
     def to_dict(self) -> dict[str, object]:
         return {"batch_sizes": self.batch_sizes, "measured": self.measured,
@@ -143,24 +114,3 @@ class SPSTable:
     def load(cls, path: str) -> "SPSTable":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-    @classmethod
-    def load_or_profile(
-        cls,
-        cache_dir: str,
-        model_id: str,
-        forward: Callable[[int], None],
-        batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-        **kw: object,
-    ) -> "SPSTable":
-        fp = machine_fingerprint()
-        path = os.path.join(cache_dir, f"sps-{cache_key(model_id, fp)}.json")
-        if os.path.exists(path):
-            try:
-                return cls.load(path)
-            except (OSError, ValueError, KeyError):
-                pass  # corrupt cache: re-profile
-        t = cls.profile(forward, batch_sizes, **kw)  # type: ignore[arg-type]
-        t.meta = {"model": model_id, **fp, "created": time.time()}
-        t.save(path)
-        return t

@@ -16,10 +16,10 @@ agentserve's own endpoints are FastAPI routes (routes.py).
 
 from __future__ import annotations
 
-import collections
+import copy
 import json
+import re
 import logging
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -36,41 +36,6 @@ MAX_BODY = 64 << 20  # bytes of one request body read into memory
 CUSTOM_KEYS = ("__agentserve_agent", "__agentserve_tier", "__agentserve_session")
 
 
-def worker_agent_stats() -> dict[str, dict[str, float | None]]:
-    """Per agent label: τ (tokens per verify step) and the copy share of accepted drafts, from
-    the speculative worker's counters (scheduler process) via SGLang's multiprocess directory."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        return {}
-    try:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        reg = CollectorRegistry()
-        MultiProcessCollector(reg, path=path)
-        steps: dict[str, float] = collections.defaultdict(float)
-        toks: dict[str, float] = collections.defaultdict(float)
-        acc: dict[tuple[str, str], float] = collections.defaultdict(float)
-        for fam in reg.collect():
-            for s in fam.samples:
-                if s.name == "agentserve:agent_spec_steps_total":
-                    steps[s.labels["agent"]] += s.value
-                elif s.name == "agentserve:agent_spec_tokens_total":
-                    toks[s.labels["agent"]] += s.value
-                elif s.name == "agentserve:agent_spec_accepted_drafts_total":
-                    acc[(s.labels["agent"], s.labels["source"])] += s.value
-    except Exception:
-        return {}
-    out: dict[str, dict[str, float | None]] = {}
-    for agent, n in steps.items():
-        # copied drafts from either source: the session index ("copy") or the radix tree ("radix")
-        a_copy = acc.get((agent, "copy"), 0.0) + acc.get((agent, "radix"), 0.0)
-        a_model = acc.get((agent, "model"), 0.0)
-        out[agent] = {"accept_length": toks[agent] / n if n else None,
-                      "copy_share": a_copy / (a_copy + a_model) if a_copy + a_model else None}
-    return out
-
-
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The request's JSON object; anything else is a 400 naming the body (SGLang's own request
     models fail on some non-objects, e.g. `null`, with a 500)."""
@@ -83,6 +48,33 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise HttpError(400, "body", f"body: expected a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def openai_model(path: str) -> Optional[type]:
+    """SGLang's own pydantic request model for an OpenAI route (None for /generate)."""
+    from sglang.srt.entrypoints.openai import protocol
+
+    return {"/v1/chat/completions": protocol.ChatCompletionRequest,
+            "/v1/completions": protocol.CompletionRequest}.get(path)
+
+
+def validate_openai(path: str, doc: dict[str, Any]) -> None:
+    """Check an OpenAI body against SGLang's request model here, so a bad one gets our 400 naming
+    the field: SGLang's own answer to it quotes its traceback and file paths to the client."""
+    model = openai_model(path)
+    if model is None:
+        return
+    from pydantic import ValidationError
+
+    try:
+        model.model_validate(copy.deepcopy(doc))  # its "before" validators edit what they are given
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_context=False, include_input=False)[0]
+        # the location without pydantic's union/validator labels: messages.0.role
+        param = ".".join(str(p) for p in err.get("loc", ()) if re.fullmatch(r"\w+", str(p))) or "body"
+        raise HttpError(400, param, f"{param}: {err.get('msg', 'invalid value')}") from None
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:  # a model validator's own
+        raise HttpError(400, "body", f"body: invalid request ({type(e).__name__})") from None
 
 
 def tag_request(path: str, doc: dict[str, Any], tags: dict[str, str]) -> None:
@@ -100,6 +92,20 @@ def tag_request(path: str, doc: dict[str, Any], tags: dict[str, str]) -> None:
                 merge(holder)
     else:
         merge(doc)
+
+
+def ask_streamed_usage(path: str, doc: dict[str, Any]) -> None:
+    """A streamed OpenAI answer's chunks carry the running usage (`continuous_usage_stats`), so
+    per-agent tok/s counts tokens: a speculative step sends several tokens in one chunk, and a
+    chunk count would undercount exactly the fast answers. Clients see a `usage` field on each
+    chunk (OpenAI's schema has it); what they asked of `include_usage` is kept."""
+    if path == "/generate" or doc.get("stream") is not True:
+        return
+    so = doc.get("stream_options")
+    if so is None:
+        doc["stream_options"] = {"continuous_usage_stats": True}
+    elif isinstance(so, dict) and "continuous_usage_stats" not in so:
+        so["continuous_usage_stats"] = True
 
 
 def with_body(scope: Scope, raw: bytes) -> Scope:
@@ -138,6 +144,7 @@ class AgentMiddleware:
         try:
             raw = await read_body(receive, MAX_BODY)
             doc = parse_body(raw)
+            validate_openai(path, doc)
             caller = identify(reg.prof, who, headers, doc)
             sid = headers.get("x-session-id")
             if sid is not None:
@@ -148,6 +155,7 @@ class AgentMiddleware:
         label = reg.table.label(caller.agent)
         tag_request(path, doc, {"__agentserve_agent": label, "__agentserve_tier": tier.name if tier else "",
                                 "__agentserve_session": sid or ""})
+        ask_streamed_usage(path, doc)
         raw = json.dumps(doc).encode()
         scope = with_body(scope, raw)
         await self._admitted(scope, raw, receive, send, caller, label)

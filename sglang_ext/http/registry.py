@@ -25,16 +25,15 @@ class AgentRegistry:
         self.table = AgentTable(max_labels if max_labels is not None
                                 else int(os.environ.get("AGENTSERVE_MAX_AGENT_LABELS", MAX_AGENT_LABELS)))
         self.sessions = SessionStore(ttl_s=p.sessions.ttl_s, max_sessions=p.sessions.max_sessions)
+        # the scheduler's load report: the one channel from the worker (tiers/load_report.py)
+        self.report = CapacityModel.for_port(p.server.port)
         self.gate = TierGate(p.interactivity_tiers, enabled=p.admission_control,
-                             capacity=CapacityModel.for_port(p.server.port) if p.admission_predict else None,
-                             margin=p.admission_margin)
+                             capacity=self.report if p.admission_predict else None, margin=p.admission_margin)
 
     def snapshot(self) -> dict[str, Any]:
         """The console's table: agents (with the worker's τ and copy share), tiers, sessions."""
-        from sglang_ext.http.middleware import worker_agent_stats
-
         rows = self.table.rows()
-        spec = worker_agent_stats()
+        spec = self.report.agent_spec()
         for r in rows:
             sp = spec.get(self.table.label_of(r["agent_id"]))
             if sp:

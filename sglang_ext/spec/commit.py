@@ -22,7 +22,7 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
 from sglang_ext.spec import stats as worker_metrics
 from sglang_ext.spec.plan import prefix_products
-from sglang_ext.spec.stats import StepStats
+from sglang_ext.spec.stats import COPY_SOURCES, ORIGIN_SOURCE, StepStats
 
 if TYPE_CHECKING:
     from sglang_ext.spec.plan import Plan
@@ -70,10 +70,10 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
     stats.verify_width, stats.verify_lens, stats.verify_tokens = max(widths, default=1), lens, n_tokens
     stats.emitted = [len(t) for t in emitted]
     stats.accepted = [n - 1 for n in stats.emitted]
-    stats.sources = [("radix" if prop.decisions[i].origin == "radix" else "copy")  # type: ignore[union-attr]
+    stats.sources = [ORIGIN_SOURCE[prop.decisions[i].origin]  # type: ignore[union-attr]
                      if i in prop.copy_rows else "model" if i in prop.model_rows else "none" for i in range(bs)]
     w.sps.observe(n_tokens, stats.verify_s, inp.kv)
-    w.gate.observe_times(stats.verify_width, bs, stats.verify_s, len(prop.model_rows), stats.draft_s)
+    w.gate.observe_draft(len(prop.model_rows), stats.draft_s)
     for i in prop.model_rows:
         w.gate.observe_model(rids[i], stats.accepted[i])
     _learn_copies(w, inp, prop, stats, emitted)
@@ -85,6 +85,7 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
         stats.rids, stats.t = rids, time.time()
     w.last = stats
     worker_metrics.observe_step(stats)
+    w.load.observe_agents(stats.agents, stats.emitted, stats.accepted, stats.sources)
     w.load.observe(rids, stats.tiers, stats.emitted, w.sps.curve,
                    behind=w.tier_policy.behind if w.scheduler_mode == "tier_aware" else None,
                    stall_s=stats.prefill_s, plain=n_tokens <= bs)
@@ -103,7 +104,7 @@ def _learn_copies(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, stats: S
         chooser = w.choosers["greedy" if bool(greedy[i]) else "sampled"]
         ell, acc = stats.verify_lens[i], stats.accepted[i]
         d: Optional[Any] = prop.decisions[i]
-        if stats.sources[i] in ("copy", "radix") and d is not None:
+        if stats.sources[i] in COPY_SOURCES and d is not None:
             chooser.observe_copy(d, acc, ell, rejected=acc < ell)
         elif stats.sources[i] == "model" and prop.conf is not None:
             chooser.observe_model(req.rid, prop.conf[i].tolist())

@@ -1,20 +1,22 @@
 """Cost-aware gate for model drafting: draft with the DSpark model only where it pays.
 
 On a small machine the drafter is not free: a block costs t_draft (its backbone and the LM
-head over the whole vocabulary), and verifying W positions costs more than verifying one.
-For a request whose model drafts are rarely accepted (chat, math on a weak drafter) the step
-is slower than plain decoding. The gate skips model drafting for request r this step when
+head) and the block's positions make the verify forward longer. For a request whose model
+drafts are rarely accepted (chat, math on a weak drafter) the step is slower than plain
+decoding. The gate skips model drafting for request r this step when
 
-    E_r * t_1  <  t_draft + t_verify(W) - t_1
+    E_r * t_token  <  t_draft + t_extra
 
 i.e. the expected accepted model drafts E_r (an EMA of *actual* accepted counts on r's
 earlier model-drafted steps, starting from the server-wide EMA) buy less time than drafting
-and the wider verify cost; t_1 is the time of a one-position step, t_verify(W) and t_draft
-are EMAs of measured step phases. A skipped request drafts anyway after `probe_every` skipped
-steps, so E_r follows the text (a tool call after chat prose); each probe that still does not
-pay doubles that request's interval, up to `max_probe_every` (a probe is not free: the first
-one also projects the whole prompt into the drafter's context). Copy drafts are not gated:
-they cost nothing to propose.
+and the longer verify. t_token (a plain step's seconds per request) and t_extra (what r's
+block adds to the verify forward) come from the worker's one step-cost model (step_cost.py),
+passed in by the caller; the gate itself measures only the drafter (t_draft, an EMA per
+drafted request). A skipped request drafts anyway after `probe_every` skipped steps, so E_r
+follows the text (a tool call after chat prose); each probe that still does not pay doubles
+that request's interval, up to `max_probe_every` (a probe is not free: the first one also
+projects the whole prompt into the drafter's context). Copy drafts are not gated: they cost
+nothing to propose.
 
 Lossless: the gate's decision for a step uses only earlier steps' outcomes and timings, never
 the drafts of this step; skipping only means verifying nothing beyond the anchor, which is
@@ -25,13 +27,10 @@ from __future__ import annotations
 
 from typing import Hashable
 
-from sglang_ext.spec.step_cost import PRIOR_SLOPE
-
 
 class DraftGate:
     def __init__(self, prior_accepted: float = 1.0, ema: float = 0.3, probe_every: int = 8,
-                 time_ema: float = 0.2, prior_slope: float = PRIOR_SLOPE, max_probe_every: int = 64) -> None:
-        self.prior_slope = prior_slope  # t(W) = t(1) * (1 + slope (W-1)) until t(1) is measured (step_cost's prior)
+                 time_ema: float = 0.2, max_probe_every: int = 64) -> None:
         self.ema, self.time_ema = ema, time_ema
         self.probe_every = int(probe_every)
         self.max_probe_every = max(int(max_probe_every), self.probe_every)
@@ -39,26 +38,13 @@ class DraftGate:
         self.global_acc = float(prior_accepted)
         self._acc: dict[Hashable, float] = {}
         self._skipped: dict[Hashable, int] = {}
-        self.t_one: float | None = None  # seconds of a verify step of width 1, per request
-        self.t_wide: float | None = None  # seconds per request of a wider verify step
-        self.w_wide: float | None = None  # the mean width of those steps
         self.t_draft: float | None = None  # seconds of a drafter call, per drafted request
 
     # ---- measurements (after each step)
-    def _mix(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.time_ema) * old + self.time_ema * new
-
-    def observe_times(self, width: int, rows: int, verify_s: float, drafted_rows: int, draft_s: float) -> None:
-        if rows <= 0:
-            return
-        per = verify_s / rows
-        if width == 1:
-            self.t_one = self._mix(self.t_one, per)
-        else:
-            self.t_wide = self._mix(self.t_wide, per)
-            self.w_wide = self._mix(self.w_wide, float(width))
+    def observe_draft(self, drafted_rows: int, draft_s: float) -> None:
         if drafted_rows > 0:
-            self.t_draft = self._mix(self.t_draft, draft_s / drafted_rows)
+            per = draft_s / drafted_rows
+            self.t_draft = per if self.t_draft is None else (1 - self.time_ema) * self.t_draft + self.time_ema * per
 
     def observe_model(self, rid: Hashable, accepted: int) -> None:
         a = float(accepted)
@@ -75,14 +61,13 @@ class DraftGate:
     def expected(self, rid: Hashable) -> float:
         return self._acc.get(rid, self.global_acc)
 
-    def pays(self, rid: Hashable) -> bool:
-        """Should request rid get a model draft this step?"""
-        wide = self.t_wide
-        if self.t_draft is None or wide is None or self.w_wide is None:
-            return True  # no measurements yet: draft, which measures
-        t_one = self.t_one if self.t_one is not None else wide / (1 + self.prior_slope * (self.w_wide - 1))
-        cost = self.t_draft + max(0.0, wide - t_one)
-        if self.expected(rid) * t_one >= cost:
+    def pays(self, rid: Hashable, t_token: float, t_extra: float) -> bool:
+        """Should request rid get a model draft this step? t_token: a plain step's seconds per
+        request; t_extra: the verify seconds rid's block adds (both from the step-cost model)."""
+        if self.t_draft is None:
+            return True  # the drafter not measured yet: draft, which measures
+        cost = self.t_draft + max(0.0, t_extra)
+        if self.expected(rid) * t_token >= cost:
             self._skipped.pop(rid, None)
             self._interval.pop(rid, None)
             return True

@@ -114,6 +114,18 @@ def best_width(w: AgentSparkWorker, decisions: list[Optional[HybridDecision]], c
     return best_w
 
 
+def draft_costs(w: AgentSparkWorker, bs: int, kv: float = 0.0) -> tuple[float, float]:
+    """What the draft gate weighs, from the step-cost model: a plain step's seconds per request
+    (what one accepted draft saves) and the verify seconds one request's model block adds
+    (ragged: its positions alone; uniform: every row padded to the block, shared by the rows)."""
+    t1 = w.sps.step_seconds(bs, kv)
+    if w.ragged:
+        extra = w.sps.step_seconds(bs + w.block, kv) - t1
+    else:
+        extra = (w.sps.cheapest_width(bs, w.block + 1, w.copy_block + 1, kv)[1] - t1) / bs
+    return t1 / bs, extra
+
+
 def fill_to_cheapest(w: AgentSparkWorker, lens: torch.Tensor, max_len: torch.Tensor, conf: torch.Tensor,
                      kv: float = 0.0) -> torch.Tensor:
     """Ragged steps: when a larger batch-token count costs less (measured; a CPU's matmul

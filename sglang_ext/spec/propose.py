@@ -146,8 +146,10 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
         return Proposal(decisions)
     copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
     gated = w.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
-    model_rows = ([i for i in range(bs) if i not in copy_rows and (not gated or w.gate.pays(rids[i]))]
-                  if w.drafter is not None and w.block > 0 else [])
+    model_rows: list[int] = []
+    if w.drafter is not None and w.block > 0:
+        t_token, t_extra = planning.draft_costs(w, bs, inp.kv)
+        model_rows = [i for i in range(bs) if i not in copy_rows and (not gated or w.gate.pays(rids[i], t_token, t_extra))]
     best_w = (planning.best_width(w, decisions, copy_rows, model_rows, rids, bs, inp.kv)
               if gated and (copy_rows or model_rows) else 0)
     if gated and best_w <= 1:

@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+# Where an accepted copied draft came from: this session's suffix index, the cross-session index
+# of its agent/tier (copy/shared_index.py) or SGLang's radix tree. Label values of `source`.
+COPY_SOURCES = ("session", "shared", "radix")
+ORIGIN_SOURCE = {"index": "session", "shared": "shared", "radix": "radix"}  # HybridDecision.origin -> source
 
 
 @dataclass
@@ -30,7 +34,7 @@ class StepStats:
     verify_s: float = 0.0
     fallback: bool = False
     plain: bool = False  # nothing verified beyond the anchor: plain decoding's DECODE step
-    sources: list[str] = field(default_factory=list)  # "copy" | "radix" | "model" | "none" per request
+    sources: list[str] = field(default_factory=list)  # a COPY_SOURCES entry, "model" or "none" per request
     agents: list[str] = field(default_factory=list)  # agent label per request ("" untagged)
     tiers: list[str] = field(default_factory=list)  # tier per request ("" untagged)
     emitted: list[int] = field(default_factory=list)  # tokens committed per request
@@ -157,7 +161,7 @@ def observe_step(stats: Any) -> None:
             a = agent or "untagged"
             m["agent_steps"].labels(agent=a).inc()
             m["agent_tokens"].labels(agent=a).inc(n)
-            if acc and src in ("copy", "radix", "model"):
+            if acc and src in COPY_SOURCES + ("model",):
                 m["agent_accepted"].labels(agent=a, source=src).inc(acc)
             m["tier_len"].labels(tier=tier or "none").observe(ell)
         prefill_s = getattr(stats, "prefill_s", 0.0)

@@ -43,6 +43,8 @@ from sglang_ext.dspark.sps import SPSTable, cache_key
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("AGENTSERVE_CACHE", Path.home() / ".cache" / "agentserve"))
+OUTLIER = 3.0  # a sample above this many times a known bucket's estimate counts as this much
+STALE = 2.5  # a cached bucket this far off this start's cost shape is dropped (_drop_stale)
 PRIOR_SLOPE = 1 / 7  # t(B) = t(1) (1 + slope (B - 1)) where nothing is measured
 CURVE_B = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)  # batch-token counts reported and measured
 
@@ -116,9 +118,29 @@ class StepCost:
                 self.count = {int(k): int(v) for k, v in d["count"].items()}
                 self.kv = {int(k): float(v) for k, v in d.get("kv", {}).items()}
                 self.kv_slope = max(0.0, float(d.get("kv_slope", 0.0)))
+                self._drop_stale()
                 self._rebuild()
             except (OSError, ValueError, KeyError) as e:
                 log.warning("ignoring unreadable SPS cache %s: %s", path, e)
+
+    def _drop_stale(self) -> None:
+        """Forget cached buckets whose cost relative to the 1-token step disagrees with this
+        start's shape (the start-up measurement; else the linear prior, more loosely) by more
+        than STALE x either way. A bucket measured while another run stalled the machine (seen:
+        B = 2 at 1.48 s beside B = 1 at 0.048 s) otherwise prices B as impossible; admission and
+        planning then never run B again, and the estimate never heals. Real bumps (a CPU's
+        matmul kernel changing with the row count) show in the start-up shape too, and stay."""
+        s1 = self.seconds.get(1)
+        if s1 is None or self.count.get(1, 0) < self.min_samples:
+            return
+        limit = STALE if len(self.startup) >= 4 and 1 in self.startup else 2 * STALE
+        for b in [b for b in self.seconds if b > 1]:
+            ratio = (self.seconds[b] / s1) / self.shape(b)
+            if not 1 / limit <= ratio <= limit:
+                log.info("step cost: dropping the cached bucket B=%d (%.3f s against %.3f s at B=1: %.1fx this "
+                         "start's shape)", b, self.seconds[b], s1, ratio)
+                for d in (self.seconds, self.count, self.kv):
+                    d.pop(b, None)
 
     @classmethod
     def for_model(cls, model_id: str, dtype: str = "", startup: Optional[dict[int, float]] = None) -> StepCost:
@@ -156,6 +178,10 @@ class StepCost:
             return
         with self._lock:
             old = self.seconds.get(b)
+            if old is not None and self.count.get(b, 0) >= self.min_samples:
+                # a stall (another process, a page fault storm) is not what B costs: one step
+                # moves a known bucket by at most a tenth of 3x its estimate
+                seconds = min(seconds, OUTLIER * old)
             self.seconds[b] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
             okv = self.kv.get(b)
             self.kv[b] = float(kv) if okv is None else (1 - self.ema) * okv + self.ema * float(kv)

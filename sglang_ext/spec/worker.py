@@ -124,7 +124,7 @@ class AgentSparkWorker(BaseSpecWorker):
         # drafter context K/V per request, projected lazily (contexts.py)
         self.contexts: Optional[LazyContexts] = LazyContexts(self.drafter, self.device) if self.drafter is not None else None
         # Radix/session-aware drafting: copied continuations from what the session already holds.
-        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry() if prof.drafter.radix_drafting else None
+        self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry(shared=prof.drafter.shared_index) if prof.drafter.radix_drafting else None
         self.copy_block = self.block if self.drafter is not None else self.max_width - 1
         no_model = None if self.drafter is not None else [0.0] * self.copy_block
         self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
@@ -225,6 +225,8 @@ class AgentSparkWorker(BaseSpecWorker):
         sid = request_tags(req)[2] or getattr(req, "session_id", None)
         key = f"session:{sid}" if sid else f"req:{req.rid}"
         self.keys[req.rid] = key
+        if self.index is not None:  # the session's agent and tier name its cross-session scope
+            self.index.bind(key, *request_tags(req)[:2])
         if sid:
             self._session_seen[key] = time.monotonic()
         return key

@@ -11,9 +11,14 @@ worker knows what admission needs to predict a tier's speed before admitting one
 - the forward cost per batch-token count (the one step-cost model, spec/step_cost.py:
   measured where seen, its prior elsewhere), to extrapolate to an unseen B;
 - per tier, how many running requests are below their target right now (tier-aware
-  scheduling measures each request's decode speed so far), which admission's rule (b) uses.
+  scheduling measures each request's decode speed so far), which admission's rule (b) uses;
+- per agent label: decode steps, tokens and accepted drafts by source (session, shared,
+  radix, model), for the per-agent table (τ and copy share) of /agentserve/v1/agents.
 `LoadPublisher` (scheduler) writes them a few times a second as one small JSON file beside
-SGLang's Prometheus multiprocess files; `CapacityModel` (HTTP) reads it and predicts
+SGLang's Prometheus multiprocess files, and once more shortly after the last step, so an idle
+server's report holds its last request. This file is the one channel from the scheduler to the
+HTTP process; the Prometheus series are for outside scrapers. `CapacityModel` (HTTP) reads it
+and predicts
 
     speed_U(B) = τ_U / period(B)
 
@@ -28,6 +33,7 @@ import collections
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,6 +46,10 @@ MIN_SAMPLES = 4  # requests (running or finished) before a tier's attainment is 
 # f(B) = 1 + slope (B - 1) when no forward cost is known: the step-cost model's one prior
 # (the report's "forward" curve already carries that model's costs, so this is rarely used)
 from sglang_ext.spec.step_cost import PRIOR_SLOPE  # noqa: E402
+
+from sglang_ext.spec.stats import COPY_SOURCES  # noqa: E402
+
+SOURCES = COPY_SOURCES + ("model",)  # where accepted drafts came from
 
 
 def report_path(port: int) -> Optional[Path]:
@@ -72,6 +82,10 @@ class LoadPublisher:
         self.recent: dict[str, collections.deque] = {}  # tier -> τ of its last RECENT finished requests
         self._prev: Optional[tuple[float, int, frozenset[str]]] = None
         self._written = 0.0
+        # per agent label: steps, tokens, accepted drafts by source (cumulative)
+        self.agents: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()  # the trailing write runs on a timer thread
+        self._timer: Optional[threading.Timer] = None
 
     def _mix(self, old: Optional[float], new: float) -> float:
         return new if old is None else (1 - self.ema) * old + self.ema * new
@@ -84,6 +98,22 @@ class LoadPublisher:
         `behind`: running requests per tier below target (tier-aware scheduling only);
         `stall_s`: prefill seconds run since the previous decode step; `plain`: the step
         verified no drafts (one position per request)."""
+        with self._lock:
+            self._observe(rids, tiers, emitted, behind, stall_s, plain)
+        self._publish(forward)
+
+    def observe_agents(self, agents: list[str], emitted: list[int], accepted: list[int], sources: list[str]) -> None:
+        """A step's requests by agent label: tokens emitted, drafts accepted and their source."""
+        with self._lock:
+            for agent, n, acc, src in zip(agents, emitted, accepted, sources):
+                row = self.agents.setdefault(agent or "untagged", {"steps": 0.0, "tokens": 0.0})
+                row["steps"] += 1
+                row["tokens"] += n
+                if acc and src != "none":
+                    row[src] = row.get(src, 0.0) + acc
+
+    def _observe(self, rids: list[str], tiers: list[str], emitted: list[int], behind: Optional[dict[str, int]],
+                 stall_s: float, plain: bool) -> None:
         self.behind = None if behind is None else dict(behind)
         now = self.clock()
         cur = frozenset(rids)
@@ -118,8 +148,23 @@ class LoadPublisher:
         self.tau_running = {}
         for rid, tier in zip(rids, tiers):
             self.tau_running.setdefault(tier, []).append(req_tau[rid])
-        if self.path is not None and now - self._written >= self.every_s:
+
+    def _publish(self, forward: Callable[[], dict[int, float]]) -> None:
+        if self.path is None:
+            return
+        now = self.clock()
+        if now - self._written >= self.every_s:
             self._written = now
+            self.write(forward())
+        elif self._timer is None:  # not due: write once more when it is, whatever comes after
+            self._timer = threading.Timer(self.every_s, self._trailing, args=(forward,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _trailing(self, forward: Callable[[], dict[int, float]]) -> None:
+        self._timer = None
+        if self.path is not None:
+            self._written = self.clock()
             self.write(forward())
 
     def measured_periods(self) -> dict[int, float]:
@@ -144,13 +189,16 @@ class LoadPublisher:
     def snapshot(self, forward: dict[int, float]) -> dict[str, Any]:
         return {"period": self.period, "count": self.count, "tau": self.tau, "tau_all": self.tau_all,
                 "tau_min": self.tau_min, "tau_running": self.tau_running,
-                "tau_recent": {t: list(d) for t, d in self.recent.items()}, "forward": forward, "time": time.time(), "behind": self.behind}
+                "tau_recent": {t: list(d) for t, d in self.recent.items()}, "forward": forward, "time": time.time(),
+                "behind": self.behind, "agents": self.agents}
 
     def write(self, forward: dict[int, float]) -> None:
         assert self.path is not None
+        with self._lock:
+            text = json.dumps(self.snapshot(forward))
         try:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.snapshot(forward)))
+            tmp = self.path.with_suffix(f".{threading.get_ident()}.tmp")  # the timer thread may write too
+            tmp.write_text(text)
             tmp.replace(self.path)
         except OSError as e:  # prediction is an aid: never let it break a step
             log.warning("could not write load report %s: %s", self.path, e)
@@ -204,6 +252,7 @@ class CapacityModel:
                 "tau_recent": {str(k): [float(x) for x in v] for k, v in d.get("tau_recent", {}).items()},
                 "forward": {int(k): float(v) for k, v in d.get("forward", {}).items()},
                 "behind": None if d.get("behind") is None else {str(k): int(v) for k, v in d["behind"].items()},
+                "agents": {str(a): {str(k): float(v) for k, v in row.items()} for a, row in d.get("agents", {}).items()},
                 "time": float(d.get("time") or 0.0)}
 
     def data(self) -> Optional[dict[str, Any]]:
@@ -265,6 +314,18 @@ class CapacityModel:
         if len(taus) < MIN_SAMPLES or p is None:
             return None
         return sum(1 for t in taus if t / p >= speed) / len(taus)
+
+    def agent_spec(self) -> dict[str, dict[str, Any]]:
+        """Per agent label: τ (tokens per decode step), the copy share of accepted drafts and
+        each source's share (session, shared, radix, model); {} before any step."""
+        out: dict[str, dict[str, Any]] = {}
+        for agent, row in ((self.data() or {}).get("agents") or {}).items():
+            by = {src: row.get(src, 0.0) for src in SOURCES}
+            total = sum(by.values())
+            out[agent] = {"accept_length": row["tokens"] / row["steps"] if row.get("steps") else None,
+                          "copy_share": (total - by["model"]) / total if total else None,
+                          "source_share": {k: v / total for k, v in by.items()} if total else {}}
+        return out
 
     def predict(self, tier: str, b: int) -> Optional[float]:
         """Predicted decode tok/s per user of `tier` with `b` requests running (None: unknown)."""

@@ -82,7 +82,9 @@ def crafted_agents() -> dict[str, Any]:
     def agent(aid, tier, reqs, run, ttft, itl, tps, tau, copy):
         return {"agent_id": aid, "tier": tier, "requests": reqs, "running": run,
                 "ttft_p50_s": ttft, "ttft_p95_s": ttft * 3, "itl_p50_s": itl, "itl_p95_s": itl * 2,
-                "tokens_per_s": tps, "accept_length": tau, "copy_share": copy}
+                "tokens_per_s": tps, "accept_length": tau, "copy_share": copy,
+                "source_share": {} if copy is None else {"session": copy / 2, "shared": copy / 2, "radix": 0.0,
+                                                         "model": 1 - copy}}
     return {
         "agents": [
             agent("planner", "interactive", 12, 2, 0.120, 0.020, 48.5, 2.6, 0.31),

@@ -73,6 +73,8 @@ async def test_panels_table_sorting_drilldown_help(fake_server):
         detail = widget_text(app, "#agent-detail")
         assert "TTFT p50 / p95        120 ms / 360 ms" in detail
         assert "meets tier target     yes" in detail and "tier attainment       93%" in detail
+        # copy share 31 %, by source: half this session's index, half the agent's shared index
+        assert "accepted by source    session 16% · shared 16% · radix 0% · model 69%" in detail
         # the main panels keep updating underneath, and the agent's tok/s history grows
         done_before = app.last_ok.requests_total
         spark_before = len(app.screen.query_one("#agent-spark").data)

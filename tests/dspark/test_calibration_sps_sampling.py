@@ -53,13 +53,8 @@ def test_sps_monotone_interp_and_cache(tmp_path) -> None:
     vals = [t(b) for b in range(1, 40)]
     assert all(b <= a + 1e-12 for a, b in zip(vals, vals[1:]))
     assert t(3) == pytest.approx((t(2) + t(4)) / 2)
-    calls = []
-    def fwd(b: int) -> None:
-        calls.append(b)
-    t2 = SPSTable.load_or_profile(str(tmp_path), "toy", fwd, batch_sizes=(1, 2, 4), iters=1, warmup=0)
-    n = len(calls)
-    t3 = SPSTable.load_or_profile(str(tmp_path), "toy", fwd, batch_sizes=(1, 2, 4))
-    assert len(calls) == n and t3.fitted == t2.fitted  # second call hit the cache
+    t.save(str(tmp_path / "sps.json"))
+    assert SPSTable.load(str(tmp_path / "sps.json")).fitted == t.fitted
     assert cache_key("a") != cache_key("b")
     assert "torch" in machine_fingerprint()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sglang_ext.dspark.sampling import SamplingParams, process_logits, sample_block_sequential
-from sglang_ext.dspark.scheduler import AsyncPrefixScheduler, schedule_algorithm1
+from sglang_ext.dspark.scheduler import schedule_algorithm1
 from sglang_ext.dspark.sps import SPSTable
 from sglang_ext.dspark.verify import verify_block
 
@@ -64,7 +64,6 @@ def run_loop(world: ToyWorld, params: SamplingParams, n_tokens: int, start: int,
     out = [[] for _ in range(r)]
     last = torch.full((r,), start, dtype=torch.long)
     sps = SPSTable.from_cost_model(1.0, 0.15, range(1, 64))
-    asyncs = [AsyncPrefixScheduler(sps) for _ in range(0, r, batch)]
     while min(len(o) for o in out) < n_tokens:
         if deterministic:
             # copy-style proposals: fixed token pattern, q is one-hot (p_d one-hot)
@@ -80,12 +79,10 @@ def run_loop(world: ToyWorld, params: SamplingParams, n_tokens: int, start: int,
             toks, q, prev = blk.tokens, blk.q_probs, blk.prev_tokens
         conf = torch.sigmoid(world.conf_w[prev] + world.conf_b[None])
         lens = torch.empty(r, dtype=torch.long)
-        for bi, s in enumerate(range(0, r, batch)):
+        for s in range(0, r, batch):
             sl = slice(s, min(r, s + batch))
             if scheduler == "alg1":
                 lens[sl] = schedule_algorithm1(conf[sl], sps)
-            elif scheduler == "async":
-                lens[sl] = asyncs[bi].step(conf[sl])
             else:
                 lens[sl] = G
         chain = torch.cat([last[:, None], toks], 1)  # p_j conditions on x_j (x_0 = anchor)
@@ -105,7 +102,7 @@ TRUNC = torch.tensor([0, 2, 3, 5, 6])
     "deterministic,scheduler,temp,top_p,top_k,truncated",
     [
         (False, "alg1", 1.0, 1.0, -1, False),
-        (False, "async", 0.8, 0.9, 5, False),
+        (False, "alg1", 0.8, 0.9, 5, False),
         (True, "alg1", 1.0, 1.0, -1, False),
         (False, "full", 1.3, 1.0, 3, False),
         (False, "alg1", 1.0, 1.0, -1, True),

@@ -133,6 +133,20 @@ def test_a_body_that_is_not_a_json_object_is_400_naming_the_body(mw) -> None:
     assert r.status_code == 400 and r.json()["param"] == "body"
 
 
+def test_a_chat_body_sglang_would_refuse_is_our_400_naming_the_field(mw) -> None:
+    """SGLang's own 400 for these quotes its traceback and file paths; ours names the field."""
+    c, bodies = mw
+    for body, field in [({"model": "m", "messages": "x"}, "messages"),
+                        ({"model": "m", "messages": [{"role": "bogus", "content": "hi"}]}, "messages.0.role"),
+                        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature")]:
+        r = chat(c, {"x-agent-id": "known"}, body)
+        assert r.status_code == 400 and r.json()["param"] == field, r.text
+        assert r.json()["message"].startswith(field + ":") and "site-packages" not in r.text
+    assert bodies == []
+    r = chat(c, {"x-agent-id": "known"}, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and len(bodies) == 1
+
+
 KEYS = {"admin": "admin-secret-0123456789", "agents": {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}}
 AUTH_PROFILE = {"interactivity_tiers": [{"name": "interactive", "target_tokens_per_s": 20, "priority": 0},
                                         {"name": "standard", "target_tokens_per_s": 10, "priority": 1},
@@ -230,3 +244,38 @@ def test_unreadable_keys_stop_the_server_and_no_keys_means_open(serve_profile, t
     c = TestClient(stand_in_app(reg)[0])
     assert chat(c, {"x-agent-id": "anyone", "x-agent-tier": "interactive"}).status_code == 200
     assert c.get("/agentserve/v1/agents").status_code == 200
+
+
+def test_a_streamed_answer_is_measured_in_tokens_not_chunks(mw) -> None:
+    """Streamed chat asks SGLang for the running usage on each chunk; the watch then counts the
+    tokens a speculative step sent together in one chunk."""
+    import json as _json
+
+    from sglang_ext.http.metrics import ResponseWatch
+
+    c, bodies = mw
+    chat(c, {"x-agent-id": "known"}, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert bodies[-1]["stream_options"] == {"continuous_usage_stats": True}
+    chat(c, {"x-agent-id": "known"}, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                      "stream_options": {"include_usage": True, "continuous_usage_stats": False}})
+    assert bodies[-1]["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}  # the client's choice
+    chat(c, {"x-agent-id": "known"}, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert "stream_options" not in bodies[-1]
+
+    clock = iter([0.0, 1.0, 2.1])  # start, first chunk, end of the answer
+    import sglang_ext.http.metrics as metrics
+
+    real = metrics.time.perf_counter
+    metrics.time.perf_counter = lambda: next(clock)
+    try:
+        w = ResponseWatch()
+        w.see({"type": "http.response.start", "status": 200})
+        for n in (3, 7, 12):  # three chunks, twelve tokens
+            chunk = {"choices": [{"delta": {"content": "x"}}], "usage": {"completion_tokens": n, "prompt_tokens": 5}}
+            w.see({"type": "http.response.body", "body": f"data: {_json.dumps(chunk)}\n\n".encode(), "more_body": True})
+        w.see({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        m = w.measure()
+    finally:
+        metrics.time.perf_counter = real
+    assert m is not None and m.ttft_s == pytest.approx(1.0)
+    assert m.tokens_per_s == pytest.approx(11 / 1.1)  # a chunk count would say 3 / 1.1

@@ -28,8 +28,8 @@ def chat(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def gen(url: str, body: dict) -> dict | list:
-    r = requests.post(url + "/generate", json=body, timeout=900)
+def gen(url: str, body: dict, agent: str | None = None) -> dict | list:
+    r = requests.post(url + "/generate", json=body, timeout=900, headers={"x-agent-id": agent} if agent else {})
     r.raise_for_status()
     return r.json()
 
@@ -128,13 +128,14 @@ def _source_counts(url: str, name: str = "agentserve:spec_source_verified_drafts
 
 def test_repeated_prompt_drafts_from_the_radix_tree(plain_server, agentspark_server) -> None:
     # An agent retrying the same call: the second time, the radix tree holds what followed this
-    # exact sequence, so the worker copies it; the output stays identical to plain decoding.
+    # exact sequence, so the worker copies it; the output stays identical to plain decoding. Two
+    # agents: the shared index is per agent, so only the radix tree (global) holds the answer.
     body = {"text": chat("Write a Python class for a bank account with deposit and withdraw methods."),
             "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
     ref = gen(plain_server.url, body)
-    first = gen(agentspark_server.url, body)
+    first = gen(agentspark_server.url, body, agent="radix-first")
     before = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
-    again = gen(agentspark_server.url, body)
+    again = gen(agentspark_server.url, body, agent="radix-again")
     after = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
     assert first["output_ids"] == ref["output_ids"] and again["output_ids"] == ref["output_ids"]
     copied = after["radix"] - before["radix"]
@@ -296,6 +297,9 @@ def test_streamed_tool_call_deltas_equal_the_whole_call_under_multi_token_steps(
     row = next(a for a in requests.get(agentspark_server.url + "/agentserve/v1/agents", timeout=60).json()["agents"]
                if a["agent_id"] == agent)
     assert row["accept_length"] == pytest.approx(val["tokens"] / val["steps"]) and row["copy_share"] > 0
+    share = row["source_share"]  # the console's drill-down: copies by source, and the model's
+    assert set(share) == {"session", "shared", "radix", "model"} and sum(share.values()) == pytest.approx(1.0)
+    assert share["session"] + share["shared"] + share["radix"] == pytest.approx(row["copy_share"])
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ def test_client_disconnect_mid_stream_frees_kv_and_slots(plain_server) -> None:
 
 
 def test_sigterm_drains_in_flight_refuses_new_work_and_exits_0(launched) -> None:
-    srv = launched("sigterm", "plain-fp32.yaml", drain_s=90)
+    srv = launched("sigterm", "plain-fp32.yaml", drain_s=20)
     srv.wait_healthy()
     tree = srv.tree()
     assert any(p.cmdline()[:1] == ["sglang::scheduler"] for p in tree)
@@ -177,12 +177,13 @@ def test_sigterm_drains_in_flight_refuses_new_work_and_exits_0(launched) -> None
     assert r.status_code == 503 and r.headers.get("retry-after"), r.text
     assert json.loads(r.text)["param"] == "server"
     assert requests.get(srv.url + "/health", timeout=30).status_code == 503
-    rc = srv.proc.wait(timeout=90 + 120)
+    rc = srv.proc.wait(timeout=20 + 120)
     short.join(60), long.join(60)
     log = srv.text()
     assert rc == 0, log[-3000:]
     assert results["short"][0] in ("length", "stop") and results["short_status"] == 200  # drained: finished
-    assert results["long"][0] != "length"  # cut at the drain deadline (4000 tokens cannot finish in 90 s here)
+    assert results["long"][0] != "length"  # cut at the drain deadline: 4000 tokens in 20 s would need
+    # 200 tok/s, several times this model's fp32 speed on any CPU we run on (CI's did 4000 in < 90 s)
     assert "aborting them" in log and "crashed" not in log and "Traceback" not in log
     assert_all_gone(tree)
 

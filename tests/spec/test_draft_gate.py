@@ -1,45 +1,65 @@
 """The cost-aware drafting gate: skips the model where its drafts do not pay, probes now and
-then, and decides from past steps only."""
+then, and decides from past steps only. Verify costs come from the step-cost model (plan.draft_costs)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from sglang_ext.spec.draft_gate import DraftGate
+from sglang_ext.spec.plan import draft_costs
+from sglang_ext.spec.step_cost import StepCost
 
-
-def _measured(gate: DraftGate, draft_s: float) -> None:
-    gate.observe_times(width=8, rows=1, verify_s=0.10, drafted_rows=1, draft_s=draft_s)
-    gate.observe_times(width=1, rows=1, verify_s=0.05, drafted_rows=0, draft_s=0.0)
+T_TOKEN, T_EXTRA = 0.05, 0.05  # a plain step per request; what a block adds to the verify
 
 
 def test_drafts_until_measured_then_follows_cost_and_acceptance() -> None:
     gate = DraftGate(prior_accepted=1.0, ema=1.0)
-    assert gate.pays("r")  # nothing measured: draft (and measure)
-    _measured(gate, draft_s=0.05)
-    # cost = 0.05 draft + (0.10 - 0.05) wider verify = 0.10 s; one accepted token saves 0.05 s
+    assert gate.pays("r", T_TOKEN, T_EXTRA)  # the drafter not measured: draft (and measure)
+    gate.observe_draft(drafted_rows=1, draft_s=0.05)
+    # cost = 0.05 draft + 0.05 longer verify = 0.10 s; one accepted token saves 0.05 s
     gate.observe_model("r", 1)
-    assert not gate.pays("r")
+    assert not gate.pays("r", T_TOKEN, T_EXTRA)
     gate.observe_model("good", 3)  # 3 * 0.05 = 0.15 s saved > 0.10 s cost
-    assert gate.pays("good")
+    assert gate.pays("good", T_TOKEN, T_EXTRA)
+    assert gate.pays("r", T_TOKEN, 0.0)  # a verify the block makes no longer: 0.05 >= 0.05
 
 
 def test_skipped_request_is_probed_less_and_less_often() -> None:
     gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=4, max_probe_every=8)
-    _measured(gate, draft_s=0.05)
-    decisions = [gate.pays("chat") for _ in range(28)]
+    gate.observe_draft(drafted_rows=1, draft_s=0.05)
+    decisions = [gate.pays("chat", T_TOKEN, T_EXTRA) for _ in range(28)]
     # probes after 4 skipped steps, then 8, then at the cap of 8
     assert [i for i, d in enumerate(decisions) if d] == [3, 11, 19, 27]
     gate.observe_model("chat", 5)  # the probe found a copyable stretch: draft again
-    assert gate.pays("chat")
+    assert gate.pays("chat", T_TOKEN, T_EXTRA)
     gate.observe_model("chat", 0)
     gate.observe_model("chat", 0)
-    assert [gate.pays("chat") for _ in range(4)] == [False, False, False, True]  # interval reset to 4
+    assert [gate.pays("chat", T_TOKEN, T_EXTRA) for _ in range(4)] == [False, False, False, True]  # interval reset
     gate.forget("chat")
     assert gate.expected("chat") == gate.global_acc
 
 
-def test_unmeasured_width_one_uses_the_prior_cost_shape() -> None:
-    gate = DraftGate(prior_accepted=2.0, ema=1.0, prior_slope=1 / 7)
-    gate.observe_times(width=8, rows=2, verify_s=0.2, drafted_rows=2, draft_s=0.02)
-    # t(8) = 0.1 per request -> t(1) = 0.05 by the prior; cost 0.01 + 0.05 = 0.06 < 2 * 0.05
-    assert gate.w_wide == 8.0
-    assert gate.t_one is None and gate.pays("r")
+def test_draft_time_is_an_ema_per_drafted_request() -> None:
+    gate = DraftGate(time_ema=0.5)
+    gate.observe_draft(drafted_rows=0, draft_s=1.0)  # nothing drafted: nothing learned
+    assert gate.t_draft is None
+    gate.observe_draft(drafted_rows=2, draft_s=0.2)
+    gate.observe_draft(drafted_rows=1, draft_s=0.3)
+    assert gate.t_draft == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_the_gate_prices_verify_with_the_one_step_cost_model(ragged: bool) -> None:
+    """On the linear prior t(B) = 1 + 0.25 (B - 1): a block of 7 adds 7 positions (ragged) or
+    pads every row to 8 (uniform, the cost shared by the 4 rows)."""
+    sps = StepCost(None, prior_slope=0.25)
+    w = SimpleNamespace(sps=sps, ragged=ragged, block=7, copy_block=7)
+    t_token, t_extra = draft_costs(w, 4)
+    assert t_token == pytest.approx(sps.step_seconds(4) / 4)
+    if ragged:
+        assert t_extra == pytest.approx(sps.step_seconds(11) - sps.step_seconds(4))
+    else:
+        assert t_extra == pytest.approx((sps.step_seconds(32) - sps.step_seconds(4)) / 4)
+    assert t_extra > 0

@@ -130,3 +130,22 @@ def test_startup_measurement_is_bounded_and_shapes_the_prior() -> None:
     assert cost.step_seconds(4) == pytest.approx(0.05 * 2.0)
     curve = cost.curve()
     assert curve[1] == pytest.approx(0.05) and curve[4] == pytest.approx(0.10)
+
+
+def test_a_stale_cached_bucket_is_dropped_and_a_stall_moves_a_bucket_little(tmp_path) -> None:
+    """A bucket measured under a stall in an earlier run (seen: B = 2 at 1.48 s beside B = 1 at
+    0.048 s, after which admission never ran two requests together again) is dropped at load
+    when it disagrees with this start's shape; a bump the start-up measurement also shows stays.
+    A known bucket moves by at most a tenth of 3x its estimate per stalled step."""
+    import json
+
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"seconds": {"1": 0.048, "2": 1.48, "4": 0.15, "8": 0.09},
+                                "count": {"1": 100, "2": 6, "4": 5, "8": 12}, "kv": {}, "kv_slope": 0.0}))
+    startup = {1: 0.01, 2: 0.011, 4: 0.03, 8: 0.02}  # a real bump at 4
+    sc = StepCost(path, startup=startup)
+    assert 2 not in sc.measured() and sc.measured()[4] == pytest.approx(0.15) and sc.measured()[8] == pytest.approx(0.09)
+    assert sc.step_seconds(2) < 0.1  # priced from the start-up shape, not 1.48 s
+    assert sc.curve()[2] < 0.1
+    sc.observe(8, 9.0)  # one stalled step
+    assert sc.seconds[8] == pytest.approx(0.9 * 0.09 + 0.1 * 3 * 0.09)

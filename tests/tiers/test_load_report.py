@@ -234,3 +234,28 @@ def test_attainment_plan_holds_back_for_the_answers_to_come_not_for_a_lost_one()
         assert "predicted at" in (gate.blocked_by("batch") or "")
 
     asyncio.run(run())
+
+
+def test_per_agent_tau_and_sources_reach_the_http_side_after_the_last_step(tmp_path) -> None:
+    """The agent table's τ and copy share come through the load report (the one channel from
+    the scheduler); a step that is not due to be written is written shortly after anyway."""
+    import time as _time
+
+    path = tmp_path / "r.json"
+    pub = LoadPublisher(path, every_s=0.2)
+    cap = CapacityModel(path, refresh_s=0.0)
+    pub.observe_agents(["alice", "bob"], [5, 1], [4, 0], ["session", "model"])
+    pub.observe(["r1", "r2"], ["t", "t"], [5, 1], lambda: {})  # due: written now
+    assert cap.agent_spec()["alice"] == {"accept_length": 5.0, "copy_share": 1.0,
+                                         "source_share": {"session": 1.0, "shared": 0.0, "radix": 0.0, "model": 0.0}}
+    assert cap.agent_spec()["bob"]["copy_share"] is None  # nothing accepted yet
+    pub.observe_agents(["alice", "bob"], [3, 3], [2, 2], ["shared", "model"])
+    pub.observe(["r1", "r2"], ["t", "t"], [3, 3], lambda: {})  # not due: the trailing write carries it
+    deadline = _time.monotonic() + 5
+    while cap.agent_spec()["alice"]["accept_length"] == 5.0 and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    alice = cap.agent_spec()["alice"]
+    assert alice["accept_length"] == 4.0 and alice["source_share"]["shared"] == pytest.approx(2 / 6)
+    assert cap.agent_spec()["bob"] == {"accept_length": 2.0, "copy_share": 0.0,
+                                       "source_share": {"session": 0.0, "shared": 0.0, "radix": 0.0, "model": 1.0}}
+    assert CapacityModel(tmp_path / "none.json").agent_spec() == {}
