@@ -30,7 +30,7 @@ from agentserve.bench import metrics
 from agentserve.bench.args import non_negative_float, parse_list, parse_systems, positive_int
 from agentserve.bench.client import RequestRecord, close_session, open_session, send
 from agentserve.bench.public_traces import Conversation, conversation, load_complexfuncbench
-from agentserve.bench.systems import REPO, SYSTEMS
+from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
 
 SOURCES = {"copy": "session", "shared": "shared", "radix": "radix", "model": "model"}
 Sender = Callable[..., RequestRecord]
@@ -98,10 +98,10 @@ def bench_system(name: str, base: Any, convs: list[Conversation], levels: list[i
     from agentserve.bench.prom import scrape
     from agentserve.server.procs import ServerProcess
 
-    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
+    prof = system_profile(base, name)
     rows: list[dict[str, Any]] = []
     recs: list[RequestRecord] = []
-    with ServerProcess(prof, log_path=log_dir / f"agents-{name}.log") as srv:
+    with ServerProcess(prof, log_path=log_dir / f"agents-{log_name(name)}.log") as srv:
         send(srv.url, convs[0].prompt(0, [])[:64], 4)  # warm-up
         for n in levels:
             before = scrape(srv.url)

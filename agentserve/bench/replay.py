@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 from agentserve.bench import metrics, report
 from agentserve.bench.args import add_warmup, parse_list, parse_systems
 from agentserve.bench.client import RequestRecord, close_session, open_session, send, warm_up
-from agentserve.bench.systems import REPO, SYSTEMS
+from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
 from agentserve.profile import Profile, load_profile
 from agentserve.server.procs import ServerProcess
 
@@ -102,9 +102,9 @@ def bench_system(name: str, base: Profile, traces: list[ReplayTrace], chat: list
                  log_dir: Path, warmup: list[list[int]] | None = None, warmup_s: float = 0.0) -> list[RequestRecord]:
     # admission off: every system runs the same load (the tier gate would hold requests of a
     # speculative server back, which changes the concurrency being measured)
-    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
+    prof = system_profile(base, name)
     res: list[RequestRecord] = []
-    with ServerProcess(prof, log_path=log_dir / f"replay-{name}.log") as srv:
+    with ServerProcess(prof, log_path=log_dir / f"replay-{log_name(name)}.log") as srv:
         send(srv.url, chat[0] if chat else traces[0].tokens[:64], 4)  # warm-up
         warm_up(srv.url, warmup or [], warmup_s, max(concs), max_new)
         for conc in concs:

@@ -26,7 +26,7 @@ from agentserve.bench import metrics, report
 from agentserve.bench.args import add_warmup, parse_list, parse_systems, positive_int
 from agentserve.bench.client import RequestRecord, send, warm_up
 from agentserve.bench.prom import scrape, spec_delta
-from agentserve.bench.systems import REPO, SYSTEMS
+from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
 from agentserve.bench.workload import WARMUP_IDS, load_prompts, phase_slices, prompts_needed, warmup_prompts
 from agentserve.profile import Profile, load_profile
 from agentserve.server.procs import ServerProcess
@@ -37,13 +37,10 @@ KEYS = ("temperature", "concurrency", "domain")
 def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], concurrencies: list[int], max_new: int,
                  temperatures: list[float], log_dir: Path, per_domain: int, warmup: list[list[int]] | None = None,
                  warmup_s: float = 0.0) -> tuple[list[RequestRecord], list[dict], float, int]:
-    # admission off: every system runs the same load (the tier gate would hold requests of a
-    # speculative server back, which changes the concurrency being measured; bench tiers
-    # measures admission)
-    prof = base.model_copy(update={"drafter": SYSTEMS[name], "admission_control": False})
+    prof = system_profile(base, name)
     records: list[RequestRecord] = []
     spec: list[dict] = []
-    with ServerProcess(prof, log_path=log_dir / f"bench-{name}.log") as srv:
+    with ServerProcess(prof, log_path=log_dir / f"bench-{log_name(name)}.log") as srv:
         start = srv.start_seconds or 0.0
         send(srv.url, WARMUP_IDS, 8)
         sent = warm_up(srv.url, warmup or [], warmup_s, max(concurrencies), max_new)
@@ -109,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "agentserve bench replay --help: agent traces replayed turn by turn")
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"),
                     help="base profile (model, server); its drafter is replaced per system")
-    ap.add_argument("--systems", default="plain,ngram,dspark,hybrid", help=f"comma list from {sorted(SYSTEMS)}")
+    ap.add_argument("--systems", default="plain,ngram,dspark,hybrid", help=f"comma list from {sorted(SYSTEMS)}, each optionally with "
+                         "@FIELD=VALUE profile overrides, e.g. dspark@drafter.path=drafters/new")
     ap.add_argument("--concurrency", default="1,8", help="comma list")
     ap.add_argument("--per-domain", type=positive_int, default=6)
     ap.add_argument("--max-new-tokens", type=positive_int, default=96)

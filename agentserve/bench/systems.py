@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agentserve.profile import DrafterSpec
+from agentserve.profile import DrafterSpec, Profile
 
 REPO = Path(__file__).resolve().parents[2]
 DRAFTER = str(REPO / "drafters" / "smollm2-135m-dspark")
@@ -22,3 +22,48 @@ SYSTEMS: dict[str, DrafterSpec] = {
     # SGLang's own DSPARK worker on the same checkpoint (CUDA/NPU/XPU only: a GPU baseline)
     "upstream": DrafterSpec(algorithm="dspark", path=DRAFTER, num_draft_tokens=8),
 }
+
+
+def split_system(system: str) -> tuple[str, dict[str, object]]:
+    """'name[@field=value...]' -> ('name', {field: value}); values are read as YAML."""
+    import yaml
+
+    name, *sets = system.split("@")
+    fields: dict[str, object] = {}
+    for item in sets:
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--systems: '{item}' in '{system}' is not FIELD=VALUE")
+        fields[key] = yaml.safe_load(val)
+    return name, fields
+
+
+def with_overrides(prof: Profile, system: str) -> Profile:
+    """The profile with the system's '@field=value' overrides, validated like a profile file (a bad
+    field or value names itself); a dotted key sets a nested field: drafter.path=drafters/new."""
+    fields = split_system(system)[1]
+    if not fields:
+        return prof
+    data = prof.model_dump()
+    for key, val in fields.items():
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--systems: '{key}' in '{system}': '{part}' is not a profile section")
+            node = node[part]
+        node[leaf] = val
+    return Profile.model_validate(data)
+
+
+def system_profile(base: Profile, system: str) -> Profile:
+    """The profile a bench system serves: the base profile with the system's drafter and overrides.
+    Admission is off: every system runs the same load (the tier gate would hold a speculative
+    server's requests back, which changes the concurrency being measured; bench tiers measures it)."""
+    return with_overrides(base.model_copy(update={"drafter": SYSTEMS[split_system(system)[0]], "admission_control": False}),
+                          system)
+
+
+def log_name(system: str) -> str:
+    """A file-name-safe form of a system name (overrides may hold paths)."""
+    return "".join(c if c.isalnum() or c in "-_.=@" else "_" for c in system)

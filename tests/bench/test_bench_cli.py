@@ -74,3 +74,18 @@ def test_no_bench_module_imports_a_bench_entry_point() -> None:
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "agentserve.bench"
                      for a in n.names}
         assert not imported & (entry - {name}), (name, imported & entry)
+
+
+def test_a_bench_system_takes_profile_overrides_and_names_a_bad_field() -> None:
+    from agentserve.bench.systems import log_name, system_profile
+    from agentserve.profile import load_profile
+
+    base = load_profile(Path(__file__).resolve().parents[2] / "profiles" / "cpu-demo.yaml")
+    prof = system_profile(base, "dspark@drafter.path=drafters/other@drafter.num_draft_tokens=5")
+    assert (prof.drafter.path, prof.drafter.num_draft_tokens, prof.drafter.radix_drafting) == ("drafters/other", 5, False)
+    assert prof.admission_control is False and prof.model == base.model
+    assert "/" not in log_name("dspark@drafter.path=drafters/other")
+    with pytest.raises(Exception, match="drafter.nope"):
+        system_profile(base, "dspark@drafter.nope=1")
+    with pytest.raises(ValueError, match="not FIELD=VALUE"):
+        system_profile(base, "dspark@drafter.path")
