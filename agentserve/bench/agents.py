@@ -32,7 +32,6 @@ from agentserve.bench.client import RequestRecord, close_session, open_session, 
 from agentserve.bench.public_traces import Conversation, conversation, load_complexfuncbench
 from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
 
-SOURCES = {"copy": "session", "shared": "shared", "radix": "radix", "model": "model"}
 Sender = Callable[..., RequestRecord]
 
 
@@ -77,7 +76,7 @@ def accepted_by_source(before: dict, after: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for (name, labels), value in after.items():
         if name == "agentserve:agent_spec_accepted_drafts_total":
-            src = SOURCES.get(dict(labels).get("source", ""), dict(labels).get("source", "?"))
+            src = dict(labels).get("source", "?")  # session / shared / radix / model (spec/stats.py)
             out[src] = out.get(src, 0.0) + value - before.get((name, labels), 0.0)
     return out
 

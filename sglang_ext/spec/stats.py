@@ -75,8 +75,8 @@ def _metrics() -> dict[str, Any] | None:
             # reached: verified with every earlier draft of the block accepted; accepted/reached
             # is the conditional acceptance per position (paper Figure 2)
             "reached": Counter("agentserve:spec_reached_drafts_total", "Drafts verified after all earlier drafts of the block were accepted", ["position"]),
-            "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (copy: session suffix index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
-            "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (copy: session suffix index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
+            "src_verified": Counter("agentserve:spec_source_verified_drafts_total", "Drafts verified, by source (session: this session's suffix index; shared: the agent/tier cross-session index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
+            "src_accepted": Counter("agentserve:spec_source_accepted_drafts_total", "Drafts accepted, by source (session: this session's suffix index; shared: the agent/tier cross-session index; radix: radix tree continuation; model: DSpark drafter)", ["source"]),
             # per agent (labels bounded by the HTTP middleware: top-N agents, then "other")
             "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
             "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),

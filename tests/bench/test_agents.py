@@ -74,8 +74,8 @@ def test_run_numbers_and_copy_share_by_source() -> None:
     recs = [RequestRecord(0.0, 0.5, 2.0, 16, verify_ct=8, labels={"agent": "a"}),
             RequestRecord(1.0, 1.5, 3.0, 16, verify_ct=4, labels={"agent": "b"})]
     key = lambda src, agent: ("agentserve:agent_spec_accepted_drafts_total", (("agent", agent), ("source", src)))  # noqa: E731
-    before = {key("copy", "a"): 10.0, key("model", "a"): 5.0}
-    after = {key("copy", "a"): 16.0, key("shared", "b"): 3.0, key("model", "a"): 8.0, key("radix", "b"): 0.0}
+    before = {key("session", "a"): 10.0, key("model", "a"): 5.0}
+    after = {key("session", "a"): 16.0, key("shared", "b"): 3.0, key("model", "a"): 8.0, key("radix", "b"): 0.0}
     by = accepted_by_source(before, after)
     assert by == {"session": 6.0, "shared": 3.0, "model": 3.0, "radix": 0.0}
     row = run_row("hybrid", 2, recs, 4.0, by)
