@@ -149,6 +149,7 @@ def test_sigterm_drains_in_flight_refuses_new_work_and_exits_0(launched) -> None
     tree = srv.tree()
     assert any(p.cmdline()[:1] == ["sglang::scheduler"] for p in tree)
     results: dict[str, object] = {}
+    started = {"short": threading.Event(), "long": threading.Event()}
 
     def stream(name: str, body: dict) -> None:
         finish, text = None, []
@@ -158,6 +159,7 @@ def test_sigterm_drains_in_flight_refuses_new_work_and_exits_0(launched) -> None
                 for line in r.iter_lines():
                     if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
                         ch = json.loads(line[5:])["choices"]
+                        started[name].set()
                         if ch:
                             finish = ch[0].get("finish_reason") or finish
                             text.append(ch[0]["delta"].get("content") or "")
@@ -165,12 +167,12 @@ def test_sigterm_drains_in_flight_refuses_new_work_and_exits_0(launched) -> None
             results[name + "_error"] = repr(e)
         results[name] = (finish, "".join(text))
 
-    short = threading.Thread(target=stream, args=("short", chat(40, True)))
+    short = threading.Thread(target=stream, args=("short", chat(120, True)))
     long = threading.Thread(target=stream, args=("long", chat(4000, True, ignore_eos=True)))
     short.start(), long.start()
-    t0 = time.monotonic()
-    while metrics(srv.url)["sglang:num_running_reqs"] < 2 and time.monotonic() - t0 < 300:
-        time.sleep(0.5)
+    # both streaming (SGLang's running gauge is republished only every few dozen steps: waiting on it
+    # let the long request run for minutes before the signal on CI)
+    assert started["short"].wait(300) and started["long"].wait(300)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(2)
     r = requests.post(srv.url + "/v1/chat/completions", json=chat(4, False, "hi"), timeout=60)
