@@ -18,6 +18,14 @@ that request's interval, up to `max_probe_every` (a probe is not free: the first
 projects the whole prompt into the drafter's context). Copy drafts are not gated: they cost
 nothing to propose.
 
+Cold start: the drafter's first call in a process is slow (kernels chosen by timing, buffers
+allocated, the whole prompt projected into its context): 2.6 s against ~10 ms afterwards on a
+2-core CPU. Learned as is, that one sample made every later step look too dear to draft, and
+the batch-level width check (plan.best_width) then vetoed even the probes, so the drafter never
+ran again. Hence: the worker seeds `t_draft` from a start-up timing of the warmed drafter
+(`time_drafter`), a new sample counts at most `CLIP` times the estimate, and a probe really
+drafts (`decide` says "probe"; propose.py lets it past the width check).
+
 Lossless: the gate's decision for a step uses only earlier steps' outcomes and timings, never
 the drafts of this step; skipping only means verifying nothing beyond the anchor, which is
 plain decoding through the same forward.
@@ -25,12 +33,19 @@ plain decoding through the same forward.
 
 from __future__ import annotations
 
-from typing import Hashable
+import statistics
+import time
+from typing import Any, Hashable, Literal
+
+import torch
+
+CLIP = 3.0  # a drafter-time sample counts at most this many times the current estimate
+Decision = Literal["draft", "probe", "skip"]
 
 
 class DraftGate:
     def __init__(self, prior_accepted: float = 1.0, ema: float = 0.3, probe_every: int = 8,
-                 time_ema: float = 0.2, max_probe_every: int = 64) -> None:
+                 time_ema: float = 0.2, max_probe_every: int = 64, t_draft: float | None = None) -> None:
         self.ema, self.time_ema = ema, time_ema
         self.probe_every = int(probe_every)
         self.max_probe_every = max(int(max_probe_every), self.probe_every)
@@ -38,13 +53,16 @@ class DraftGate:
         self.global_acc = float(prior_accepted)
         self._acc: dict[Hashable, float] = {}
         self._skipped: dict[Hashable, int] = {}
-        self.t_draft: float | None = None  # seconds of a drafter call, per drafted request
+        self.t_draft: float | None = t_draft  # seconds of a drafter call, per drafted request
 
     # ---- measurements (after each step)
     def observe_draft(self, drafted_rows: int, draft_s: float) -> None:
         if drafted_rows > 0:
             per = draft_s / drafted_rows
-            self.t_draft = per if self.t_draft is None else (1 - self.time_ema) * self.t_draft + self.time_ema * per
+            if self.t_draft is None:
+                self.t_draft = per
+            else:  # one slow call (a long prompt's first projection, a preempted core) is not the drafter's cost
+                self.t_draft = (1 - self.time_ema) * self.t_draft + self.time_ema * min(per, CLIP * self.t_draft)
 
     def observe_model(self, rid: Hashable, accepted: int) -> None:
         a = float(accepted)
@@ -62,20 +80,47 @@ class DraftGate:
         return self._acc.get(rid, self.global_acc)
 
     def pays(self, rid: Hashable, t_token: float, t_extra: float) -> bool:
-        """Should request rid get a model draft this step? t_token: a plain step's seconds per
+        """Should request rid get a model draft this step? (a probe counts as yes)"""
+        return self.decide(rid, t_token, t_extra) != "skip"
+
+    def decide(self, rid: Hashable, t_token: float, t_extra: float) -> Decision:
+        """Draft, probe or skip request rid this step. t_token: a plain step's seconds per
         request; t_extra: the verify seconds rid's block adds (both from the step-cost model)."""
         if self.t_draft is None:
-            return True  # the drafter not measured yet: draft, which measures
+            return "probe"  # the drafter not measured yet: draft, which measures
         cost = self.t_draft + max(0.0, t_extra)
         if self.expected(rid) * t_token >= cost:
             self._skipped.pop(rid, None)
             self._interval.pop(rid, None)
-            return True
+            return "draft"
         n = self._skipped.get(rid, 0) + 1
         interval = self._interval.get(rid, self.probe_every)
         if n >= interval:  # probe: refresh the estimate now and then, less often each time
             self._skipped[rid] = 0
             self._interval[rid] = min(2 * interval, self.max_probe_every)
-            return True
+            return "probe"
         self._skipped[rid] = n
-        return False
+        return "skip"
+
+
+@torch.no_grad()
+def time_drafter(drafter: Any, device: torch.device | str, context: int = 64, reps: int = 4) -> float:
+    """Seconds of one steady-state drafter call for one request (median of the calls after a
+    warm-up call): a context of `context` random target features, a greedy block. Warms the
+    drafter's kernels too, so the first served step does not pay for that."""
+    from sglang_ext.dspark.sampling import SamplingParams
+
+    feat = drafter.fc.in_features
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ctx = drafter.new_context()
+    hidden = torch.randn(context, feat, generator=gen).to(device=device, dtype=drafter.dtype)
+    drafter.append_context(ctx, hidden, torch.arange(context, device=device))
+    anchor = torch.tensor([1], device=device)
+    pos = torch.tensor([context], device=device)
+    sampling = SamplingParams.make(0.0, n=1, device=device)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        drafter.draft_block([ctx], anchor, pos, sampling)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])

@@ -147,13 +147,22 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
     copy_rows = [i for i, d in enumerate(decisions) if d is not None and d.use_copy]
     gated = w.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
     model_rows: list[int] = []
+    probing = False
     if w.drafter is not None and w.block > 0:
         t_token, t_extra = planning.draft_costs(w, bs, inp.kv)
-        model_rows = [i for i in range(bs) if i not in copy_rows and (not gated or w.gate.pays(rids[i], t_token, t_extra))]
+        for i in range(bs):
+            if i in copy_rows:
+                continue
+            d = w.gate.decide(rids[i], t_token, t_extra) if gated else "draft"
+            if d != "skip":
+                model_rows.append(i)
+                probing |= d == "probe"
     best_w = (planning.best_width(w, decisions, copy_rows, model_rows, rids, bs, inp.kv)
               if gated and (copy_rows or model_rows) else 0)
-    if gated and best_w <= 1:
-        return Proposal(decisions)  # this step decodes plainly (decided before any drafting)
+    if gated and best_w <= 1 and not probing:
+        # this step decodes plainly (decided before any drafting); a probe drafts anyway, or a
+        # drafter the width check once priced too dear would never be measured again
+        return Proposal(decisions)
     g = w.copy_block
     prop = Proposal(decisions, copy_rows, model_rows, best_w=best_w,
                     drafts=torch.zeros(bs, g, dtype=torch.long, device=w.device),

@@ -72,7 +72,7 @@ from sglang_ext.spec import stats as worker_metrics
 from sglang_ext.spec.accept import accept, write_logprobs
 from sglang_ext.spec.commit import commit, learn
 from sglang_ext.spec.contexts import LazyContexts
-from sglang_ext.spec.draft_gate import DraftGate
+from sglang_ext.spec.draft_gate import DraftGate, time_drafter
 from sglang_ext.spec.plan import plan
 from sglang_ext.spec.propose import propose, read_inputs, step_start
 from sglang_ext.spec.stats import StepStats
@@ -147,7 +147,7 @@ class AgentSparkWorker(BaseSpecWorker):
             if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
         self._ragged_wanted = prof.drafter.ragged_verify
         self._ragged: Optional[bool] = None  # asked of the attention backend at the first decode step
-        self.gate = DraftGate()  # model drafting only where it pays (draft_gate.py)
+        self.gate = DraftGate(t_draft=self._time_drafter())  # model drafting only where it pays (draft_gate.py)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:
@@ -174,6 +174,21 @@ class AgentSparkWorker(BaseSpecWorker):
             self.block = 0
             log.warning("AGENTSPARK drafter unavailable (%s); serving with plain decoding", self.drafter_error)
             worker_metrics.fallback(reason="load")
+
+    def _time_drafter(self) -> Optional[float]:
+        """The gate's drafter-time prior: a warmed drafter's steady call, timed at start-up
+        (the first call in a process costs ~100x that and would price drafting out)."""
+        if self.drafter is None:
+            return None
+        try:
+            t0 = time.perf_counter()
+            t = time_drafter(self.drafter, self.device)
+            log.info("AGENTSPARK drafter start-up timing: %.4f s per request-block (%.2f s with warm-up)",
+                     t, time.perf_counter() - t0)
+            return t
+        except Exception as e:  # the gate then measures the first served call instead
+            log.warning("AGENTSPARK drafter start-up timing failed (%s: %s)", type(e).__name__, e)
+            return None
 
     def alloc_memory_pool(self, **kwargs: Any) -> None:
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sglang_ext.spec.draft_gate import DraftGate
 from sglang_ext.spec.plan import draft_costs
@@ -63,3 +64,37 @@ def test_the_gate_prices_verify_with_the_one_step_cost_model(ragged: bool) -> No
     else:
         assert t_extra == pytest.approx((sps.step_seconds(32) - sps.step_seconds(4)) / 4)
     assert t_extra > 0
+
+
+def test_one_slow_drafter_call_does_not_price_drafting_out() -> None:
+    """The first call in a process (kernel choice, the whole prompt projected) once cost 2.6 s
+    against ~10 ms after; learned as is, the drafter never ran again in the server."""
+    gate = DraftGate(time_ema=0.2, t_draft=0.01)  # seeded by the start-up timing
+    gate.observe_draft(drafted_rows=1, draft_s=2.6)
+    assert gate.t_draft == pytest.approx(0.8 * 0.01 + 0.2 * 0.03)  # counted at most 3x the estimate
+    gate.observe_model("r", 1)
+    assert gate.decide("r", T_TOKEN, 0.0) == "draft"
+    # a drafter that really got slower is followed, a bounded step at a time
+    for _ in range(40):
+        gate.observe_draft(drafted_rows=1, draft_s=0.2)
+    assert gate.t_draft == pytest.approx(0.2, rel=0.01)
+
+
+def test_decide_names_probes_so_the_width_check_cannot_veto_them() -> None:
+    gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=2)
+    assert gate.decide("r", T_TOKEN, T_EXTRA) == "probe"  # never measured: a probe measures
+    gate.observe_draft(drafted_rows=1, draft_s=0.05)
+    assert [gate.decide("r", T_TOKEN, T_EXTRA) for _ in range(4)] == ["skip", "probe", "skip", "skip"]
+
+
+def test_time_drafter_times_a_warmed_steady_call() -> None:
+    from sglang_ext.dspark.drafter import DSparkDrafter
+    from sglang_ext.spec.draft_gate import time_drafter
+
+    from toy import toy_config
+
+    torch.manual_seed(0)
+    d = DSparkDrafter(toy_config())
+    d.attach_shared(torch.randn(48, 32), torch.randn(48, 32))
+    t = time_drafter(d.eval(), "cpu", context=16, reps=2)
+    assert 0.0 < t < 5.0
