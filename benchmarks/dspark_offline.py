@@ -12,7 +12,7 @@ Prints, per sampling temperature:
 
 Usage:
   python benchmarks/dspark_offline.py --target models/smollm2-135m-instruct \
-      --drafter drafters/smollm2-135m-dspark [--dflash DIR] [--prompts 10] [--temperatures 0,1]
+      --drafter drafters/smollm2-135m-dspark-corpus [--dflash DIR] [--prompts 10] [--temperatures 0,1]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def ece_split(stats: OfflineStats, seed: int = 0) -> Optional[tuple[list[float],
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="models/smollm2-135m-instruct")
-    ap.add_argument("--drafter", default="drafters/smollm2-135m-dspark")
+    ap.add_argument("--drafter", default="drafters/smollm2-135m-dspark-corpus")
     ap.add_argument("--dflash", default=None, help="separately trained --no-sequential drafter")
     ap.add_argument("--prompts", type=int, default=10, help="held-out prompts per domain")
     ap.add_argument("--agent-prompts", type=int, default=8, help="held-out agent-trace turns (0: none)")

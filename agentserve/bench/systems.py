@@ -7,7 +7,9 @@ from pathlib import Path
 from agentserve.profile import DrafterSpec, Profile
 
 REPO = Path(__file__).resolve().parents[2]
-DRAFTER = str(REPO / "drafters" / "smollm2-135m-dspark")
+DRAFTER = str(REPO / "drafters" / "smollm2-135m-dspark-corpus")
+# full-vocabulary checkpoint for SGLang's own DSPARK worker (it has no truncated-draft-vocab map)
+FULL_VOCAB_DRAFTER = str(REPO / "drafters" / "smollm2-135m-dspark")
 
 SYSTEMS: dict[str, DrafterSpec] = {
     "plain": DrafterSpec(algorithm="none"),
@@ -19,8 +21,8 @@ SYSTEMS: dict[str, DrafterSpec] = {
     # ablation: hybrid with every row padded to the step's widest (SGLang's uniform verify layout)
     "hybrid_padded": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=8, radix_drafting=True,
                                  ragged_verify=False),
-    # SGLang's own DSPARK worker on the same checkpoint (CUDA/NPU/XPU only: a GPU baseline)
-    "upstream": DrafterSpec(algorithm="dspark", path=DRAFTER, num_draft_tokens=8),
+    # SGLang's own DSPARK worker (CUDA/NPU/XPU only: a GPU baseline)
+    "upstream": DrafterSpec(algorithm="dspark", path=FULL_VOCAB_DRAFTER, num_draft_tokens=8),
 }
 
 

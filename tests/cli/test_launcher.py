@@ -37,7 +37,7 @@ def test_speculative_and_gpu_plans() -> None:
     spark = build_plan(load_profile(REPO / "profiles" / "cpu-dspark.yaml"))
     assert flag(spark.argv, "--speculative-algorithm") == "AGENTSPARK"
     assert flag(spark.argv, "--speculative-num-draft-tokens") == "8" and "--disable-overlap-schedule" in spark.argv
-    assert json.loads(Path(spark.env["AGENTSERVE_PROFILE"]).read_text())["drafter"]["path"].endswith("drafters/smollm2-135m-dspark")
+    assert json.loads(Path(spark.env["AGENTSERVE_PROFILE"]).read_text())["drafter"]["path"].endswith("drafters/smollm2-135m-dspark-corpus")
     # radix drafting walks the radix tree, which only the Python tree core exposes
     assert spark.env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] == "python"
     prof = load_profile(REPO / "profiles" / "cpu-dspark.yaml")
