@@ -65,6 +65,10 @@ def plan(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, tiers: list[str])
         lens = torch.clamp(max_len, max=prop.best_w - 1)
     else:
         lens = schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), w.sps.at(inp.kv))
+        for i in prop.copy_rows:
+            # copy rows next to model rows: at least the width check's length, as when copies are
+            # alone (Algorithm 1's early stop would cut their deterministic drafts short)
+            lens[i] = max(int(lens[i]), min(int(max_len[i]), prop.best_w - 1))
         if prop.copy_rows and not w.ragged:
             # copy rows ride along up to the step's width for free (deterministic drafts)
             wide = int(lens.max())
