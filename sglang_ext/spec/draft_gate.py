@@ -79,10 +79,6 @@ class DraftGate:
     def expected(self, rid: Hashable) -> float:
         return self._acc.get(rid, self.global_acc)
 
-    def pays(self, rid: Hashable, t_token: float, t_extra: float) -> bool:
-        """Should request rid get a model draft this step? (a probe counts as yes)"""
-        return self.decide(rid, t_token, t_extra) != "skip"
-
     def decide(self, rid: Hashable, t_token: float, t_extra: float) -> Decision:
         """Draft, probe or skip request rid this step. t_token: a plain step's seconds per
         request; t_extra: the verify seconds rid's block adds (both from the step-cost model)."""

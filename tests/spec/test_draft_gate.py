@@ -17,27 +17,27 @@ T_TOKEN, T_EXTRA = 0.05, 0.05  # a plain step per request; what a block adds to 
 
 def test_drafts_until_measured_then_follows_cost_and_acceptance() -> None:
     gate = DraftGate(prior_accepted=1.0, ema=1.0)
-    assert gate.pays("r", T_TOKEN, T_EXTRA)  # the drafter not measured: draft (and measure)
+    assert gate.decide("r", T_TOKEN, T_EXTRA) != "skip"  # the drafter not measured: draft (and measure)
     gate.observe_draft(drafted_rows=1, draft_s=0.05)
     # cost = 0.05 draft + 0.05 longer verify = 0.10 s; one accepted token saves 0.05 s
     gate.observe_model("r", 1)
-    assert not gate.pays("r", T_TOKEN, T_EXTRA)
+    assert gate.decide("r", T_TOKEN, T_EXTRA) == "skip"
     gate.observe_model("good", 3)  # 3 * 0.05 = 0.15 s saved > 0.10 s cost
-    assert gate.pays("good", T_TOKEN, T_EXTRA)
-    assert gate.pays("r", T_TOKEN, 0.0)  # a verify the block makes no longer: 0.05 >= 0.05
+    assert gate.decide("good", T_TOKEN, T_EXTRA) != "skip"
+    assert gate.decide("r", T_TOKEN, 0.0) != "skip"  # a verify the block makes no longer: 0.05 >= 0.05
 
 
 def test_skipped_request_is_probed_less_and_less_often() -> None:
     gate = DraftGate(prior_accepted=0.0, ema=1.0, probe_every=4, max_probe_every=8)
     gate.observe_draft(drafted_rows=1, draft_s=0.05)
-    decisions = [gate.pays("chat", T_TOKEN, T_EXTRA) for _ in range(28)]
+    decisions = [(gate.decide("chat", T_TOKEN, T_EXTRA) != "skip") for _ in range(28)]
     # probes after 4 skipped steps, then 8, then at the cap of 8
     assert [i for i, d in enumerate(decisions) if d] == [3, 11, 19, 27]
     gate.observe_model("chat", 5)  # the probe found a copyable stretch: draft again
-    assert gate.pays("chat", T_TOKEN, T_EXTRA)
+    assert gate.decide("chat", T_TOKEN, T_EXTRA) != "skip"
     gate.observe_model("chat", 0)
     gate.observe_model("chat", 0)
-    assert [gate.pays("chat", T_TOKEN, T_EXTRA) for _ in range(4)] == [False, False, False, True]  # interval reset
+    assert [(gate.decide("chat", T_TOKEN, T_EXTRA) != "skip") for _ in range(4)] == [False, False, False, True]  # interval reset
     gate.forget("chat")
     assert gate.expected("chat") == gate.global_acc
 
