@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PLUGGABLE: list[tuple[str, str, str]] = [
     ("bench", "agentserve.bench.cli", "benchmark serving systems: serve | replay | tiers (latency, TTFT, throughput vs plain)"),
     ("train-draft", "sglang_ext.dspark.train", "train a DSpark drafter for a target model (CPU or GPU)"),
+    ("calibrate-draft", "sglang_ext.dspark.calibrate", "fit STS on held-out rollouts; ship it only if it lowers held-out ECE"),
     ("corpus", "sglang_ext.dspark.corpus", "build the self-distilled drafter corpus through the real server (resumable)"),
     ("console", "console.app", "the live operator console (Textual)"),
     ("soak", "agentserve.soak", "load/soak test: simulated agents on loopback, accounting of every request, JSON + PNG"),
