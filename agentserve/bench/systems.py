@@ -60,9 +60,12 @@ def with_overrides(prof: Profile, system: str) -> Profile:
 
 def system_profile(base: Profile, system: str) -> Profile:
     """The profile a bench system serves: the base profile with the system's drafter and overrides.
-    Admission is off: every system runs the same load (the tier gate would hold a speculative
-    server's requests back, which changes the concurrency being measured; bench tiers measures it)."""
-    return with_overrides(base.model_copy(update={"drafter": SYSTEMS[split_system(system)[0]], "admission_control": False}),
+    Admission and prefill pacing are off: every system runs the same load in the same order (the
+    tier gate would hold a speculative server's requests back, and the pacer, which lives in our
+    worker, would hold prefills for its tier promises, trading new requests' time to first token
+    for running ones' speed, a policy plain decoding cannot run; bench tiers measures both)."""
+    return with_overrides(base.model_copy(update={"drafter": SYSTEMS[split_system(system)[0]], "admission_control": False,
+                                                  "prefill_max_defer_s": 0.0}),
                           system)
 
 

@@ -13,6 +13,12 @@ where c is fitted from the variation of kv among steps with the same B (a within
 regression, so f may keep any shape in B) and f(B) is each bucket's mean time less c times its
 mean kv. Decisions for one step compare B's at that step's kv.
 
+A batch-token count seen too rarely for a point of its own (ragged verify steps take many B
+values) is priced from the nearest measured B below plus s per extra token, s the slope of
+(t - c kv) on B fitted over the recent steps (before there is one, the linear prior's). The
+start-up shape alone (weight products: flat in B on an AMX CPU) called a 40-token verify step
+as cheap as an 8-token one; a real one cost 1.8x.
+
 This is the project's one step-cost model: the worker's plan (Algorithm 1, padding, the
 pre-draft width check), the draft gate's verify costs, the load report's forward costs (and
 through it admission and prefill pacing) all read it, and PRIOR_SLOPE is the one prior.
@@ -107,6 +113,7 @@ class StepCost:
         self.kv: dict[int, float] = {}  # EMA of those steps' K/V lengths
         self.count: dict[int, int] = {}
         self.kv_slope = 0.0  # c: seconds per K/V token read, fitted
+        self.token_slope: Optional[float] = None  # s: seconds per extra batch token, fitted (None: too little spread)
         self._recent: deque[tuple[int, float, float]] = deque(maxlen=self.window)
         self._n = 0
         self._lock = threading.Lock()
@@ -118,6 +125,8 @@ class StepCost:
                 self.count = {int(k): int(v) for k, v in d["count"].items()}
                 self.kv = {int(k): float(v) for k, v in d.get("kv", {}).items()}
                 self.kv_slope = max(0.0, float(d.get("kv_slope", 0.0)))
+                ts = d.get("token_slope")
+                self.token_slope = None if ts is None else max(0.0, float(ts))
                 self._drop_stale()
                 self._rebuild()
             except (OSError, ValueError, KeyError) as e:
@@ -211,6 +220,23 @@ class StepCost:
         if sxx > 1e4:  # at least ~100 K/V tokens of spread, summed over steps
             self.kv_slope = max(0.0, sxy / sxx)
 
+    def _fit_token_slope(self) -> None:
+        """s from the recent steps: the least-squares slope of (t - c kv) on B. Verify steps at
+        B values seen too rarely for a point of their own are priced from the nearest measured
+        B below plus s per extra token. Without it they fell back to the start-up shape, which
+        times the weight products only: on an AMX CPU those are flat in B while a real verify
+        step grew ~5 ms per extra position (chat at 8 clients verified 40-token steps the shape
+        priced like 8-token ones, and lost 40 % of throughput)."""
+        pts = [(b, t - self.kv_slope * kv) for b, kv, t in self._recent]
+        if len(pts) < 2 * self.min_samples:
+            return
+        mb = sum(b for b, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        sxx = sum((b - mb) ** 2 for b, _ in pts)
+        if sxx < 4.0 * len(pts):  # B hardly varies (one batch size, no verify): nothing to fit
+            return
+        self.token_slope = max(0.0, sum((b - mb) * (t - mt) for b, t in pts) / sxx)
+
     def _base(self, b: int) -> float:
         """f(B): the measured seconds at B less the K/V part at those steps' mean K/V length
         (never below a fifth of the measurement: c is an estimate)."""
@@ -219,6 +245,7 @@ class StepCost:
 
     def _rebuild(self) -> None:
         self._fit_kv_slope()
+        self._fit_token_slope()
         good = sorted(b for b, c in self.count.items() if c >= self.min_samples)
         if not good:
             return
@@ -239,7 +266,7 @@ class StepCost:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"seconds": self.seconds, "count": self.count, "kv": self.kv,
-                                       "kv_slope": self.kv_slope}))
+                                       "kv_slope": self.kv_slope, "token_slope": self.token_slope}))
             tmp.replace(self.path)
         except OSError as e:
             log.warning("could not save SPS cache %s: %s", self.path, e)
@@ -262,7 +289,18 @@ class StepCost:
             extra = self.kv_slope * float(kv)
             if self.count.get(b, 0) >= self.min_samples:
                 return self._base(b) + extra
-            top = max((k for k, c in self.count.items() if c >= self.min_samples), default=0)
+            good = [k for k, c in self.count.items() if c >= self.min_samples]
+            below = max((k for k in good if k < b), default=0)
+            if below:
+                # the nearest measured B below, plus the cost per extra token: fitted, else the
+                # linear prior's (a cold server verified 7-position rows at 8 clients before it had
+                # fitted one), never less than the start-up shape's (the weight products alone);
+                # a measured B above that is cheaper still wins where callers look for the
+                # cheapest count (padding)
+                slope = self.token_slope if self.token_slope is not None else self.prior_slope * self._t1
+                shape_step = self._t1 * max(0.0, self.shape(b) - self.shape(below)) if self.startup else 0.0
+                return self._base(below) + max(slope * (b - below), shape_step) + extra
+            top = max(good, default=0)
         if self.startup and b > top:  # the start-up shape, bumps kept (the table would smooth them)
             return self._t1 * self.shape(b) + extra
         return 1.0 / self.table(b) + extra

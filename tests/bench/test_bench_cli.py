@@ -84,6 +84,8 @@ def test_a_bench_system_takes_profile_overrides_and_names_a_bad_field() -> None:
     prof = system_profile(base, "dspark@drafter.path=drafters/other@drafter.num_draft_tokens=5")
     assert (prof.drafter.path, prof.drafter.num_draft_tokens, prof.drafter.radix_drafting) == ("drafters/other", 5, False)
     assert prof.admission_control is False and prof.model == base.model
+    assert base.prefill_max_defer_s > 0 and prof.prefill_max_defer_s == 0  # same order of work as plain
+    assert system_profile(base, "hybrid@prefill_max_defer_s=5").prefill_max_defer_s == 5  # unless asked
     assert "/" not in log_name("dspark@drafter.path=drafters/other")
     with pytest.raises(Exception, match="drafter.nope"):
         system_profile(base, "dspark@drafter.nope=1")

@@ -23,7 +23,32 @@ def test_measured_points_keep_their_shape() -> None:
     sps = fed({1: 0.070, 2: 0.125, 4: 0.090, 8: 0.095})
     assert sps.step_seconds(2) == pytest.approx(0.125)
     assert 1.0 / sps(2) < 0.125  # the monotone table would call width 2 cheaper than it is
-    assert sps.step_seconds(3) == pytest.approx(1.0 / sps(3))  # unmeasured: the table
+    # unmeasured between measured points: the measured point below plus the fitted cost per token
+    assert sps.token_slope is not None
+    assert sps.step_seconds(3) == pytest.approx(0.125 + sps.token_slope)
+
+
+def test_unmeasured_token_counts_cost_the_fitted_slope_not_the_startup_shape() -> None:
+    # an AMX CPU: the weight products are flat in B, a real verify step is not (attention,
+    # logits of every position, acceptance): 8 tokens 0.155 s, 15 0.20 s, 40 0.30 s; B values
+    # between are seen too rarely for points of their own
+    flat = {b: 0.010 for b in (1, 2, 4, 8, 16, 32, 64)}
+    sps = StepCost(None, startup=flat)
+    for _ in range(8):
+        for b, t in ((8, 0.155), (15, 0.20), (40, 0.30)):
+            sps.observe(b, t)
+    sps._rebuild()
+    assert sps.token_slope == pytest.approx((0.30 - 0.155) / 32, rel=0.3)
+    assert sps.step_seconds(30) > 0.155 + 10 * 0.004  # priced past 15's point, not flat
+    assert sps.step_seconds(30) == pytest.approx(0.20 + 15 * sps.token_slope)
+    lone = StepCost(None, startup=flat)
+    for _ in range(16):
+        lone.observe(8, 0.155)  # one batch size, no verify steps: nothing to fit
+    lone._rebuild()
+    assert lone.token_slope is None
+    # ... and then an extra position costs the linear prior's slope, not the flat start-up shape
+    assert lone.step_seconds(16) == pytest.approx(0.155 + 8 * lone.prior_slope * lone._t1)
+    assert lone.step_seconds(16) > 0.155 * 1.5
 
 
 def test_cheapest_width_pads_only_when_wider_is_cheaper() -> None:
@@ -101,6 +126,8 @@ def test_cache_keeps_the_kv_model(tmp_path: Path) -> None:
     again = StepCost(path)
     assert again.kv_slope == pytest.approx(sps.kv_slope)
     assert again.step_seconds(8, 1500) == pytest.approx(sps.step_seconds(8, 1500))
+    assert again.token_slope == pytest.approx(sps.token_slope)  # the per-token cost survives a restart
+    assert again.step_seconds(12, 1500) == pytest.approx(sps.step_seconds(12, 1500))
 
 
 def test_cache_file_differs_per_dtype() -> None:

@@ -1,0 +1,41 @@
+"""Summarise a worker step trace (AGENTSERVE_STEP_TRACE=FILE): per draft source, rows,
+expected / accepted / verified drafts; per batch size, plain and verify steps' forward seconds
+and tokens per step. Usage: .venv/bin/python scripts/trace_summary.py TRACE.jsonl"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    steps = [json.loads(line) for line in open(path, encoding="utf-8") if '"sources"' in line]
+    src: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
+    for s in steps:
+        for name, e, a, n in zip(s["sources"], s.get("expected") or [0.0] * len(s["sources"]), s["accepted"],
+                                 s["verify_lens"]):
+            row = src[name]
+            row[0] += 1
+            row[1] += e
+            row[2] += a
+            row[3] += n
+    print(f"{len(steps)} steps")
+    print("source   rows  expected  accepted  verified")
+    for name, (rows, e, a, n) in sorted(src.items()):
+        print(f"{name:8s} {rows:5d} {e:9.1f} {a:9d} {n:9d}")
+    print("bs  kind    steps  forward s (median)  batch tokens (mean)  emitted/step  emitted/s (forward)")
+    by: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for s in steps:
+        by[(s["batch_size"], "plain" if s["plain"] else "verify")].append(s)
+    for (bs, kind), ss in sorted(by.items()):
+        fwd = statistics.median(x["verify_s"] for x in ss)
+        em = statistics.mean(sum(x["emitted"]) for x in ss)
+        rate = sum(sum(x["emitted"]) for x in ss) / sum(x["verify_s"] + x["draft_s"] + x["schedule_s"] for x in ss)
+        print(f"{bs:2d}  {kind:6s} {len(ss):6d}  {fwd:18.3f}  {statistics.mean(x['verify_tokens'] for x in ss):19.1f}"
+              f"  {em:12.2f}  {rate:19.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
