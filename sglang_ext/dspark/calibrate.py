@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     from .offline_eval import evaluate_offline
     from .train import load_target
 
+    for name in ("drafter", "target", "corpus"):  # bad paths name their argument, not a traceback
+        if not os.path.isdir(getattr(args, name)):
+            print(f"agentserve calibrate-draft: --{name}: {getattr(args, name)!r} is not a directory", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -67,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     drafter.calibration = None  # measure the raw head, whatever the checkpoint ships
     drafter.attach_target(target)
     drafter.eval()
-    if drafter.config.extra.get("dspark_training", {}).get("no_sequential"):
-        print("note: a DFlash (no Markov head) checkpoint", file=sys.stderr)
-    use_seq = not bool(drafter.config.extra.get("dspark_training", {}).get("no_sequential"))
+    use_seq = not bool(drafter.config.extra.get("dspark_training", {}).get("no_sequential"))  # DFlash: no Markov head
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     records = load_corpus(args.corpus, "eval")
     cal = STSCalibration()

@@ -24,6 +24,11 @@ def test_split_half_is_disjoint_and_fixed_by_key() -> None:
     assert {r["key"] for r in fit2} == {r["key"] for r in fit}
 
 
+def test_a_missing_path_names_its_argument(tmp_path: Path, capsys) -> None:
+    assert calibrate.main(["--drafter", str(tmp_path / "nope"), "--target", str(tmp_path), "--corpus", str(tmp_path)]) == 2
+    assert "--drafter" in capsys.readouterr().err
+
+
 def test_survival_ece_uses_the_cumulative_product() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(500, 3, generator=g, dtype=torch.float64)
