@@ -303,7 +303,8 @@ class Soak:
                 "baseline": baseline, "final": self.samples[-1] if self.samples else None,
                 "rss_bytes": {"first": rss[0] if rss else None, "max": max(rss) if rss else None,
                               "last": rss[-1] if rss else None},
-                "draft_index_memory": "not exposed by the server (no /metrics or /agentserve/v1 field)",
+                "draft_index_memory": {k: {"first": xs[0], "max": max(xs), "last": xs[-1]}
+                                       for k in INDEX_GAUGES if (xs := [s[k] for s in self.samples if s.get(k) is not None])},
                 "samples": self.samples,
                 "requests": [{"t0": r.t0 - self.t_start, "t1": r.t1 - self.t_start, "tier": r.tier, "kind": r.kind,
                               "status": r.status, "outcome": r.outcome} for r in recs]}
@@ -322,6 +323,9 @@ def tree_rss(pid: int) -> int | None:
 
 
 _METRIC = re.compile(r"^(sglang:(?:token_usage|num_running_reqs|num_queue_reqs)|agentserve:[a-z_]*index[a-z_]*)(?:\{[^}]*\})?\s+(\S+)$")
+
+
+INDEX_GAUGES = ("draft_index_session_tokens", "draft_index_shared_tokens", "draft_index_sessions")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -71,6 +71,51 @@ def replay_agents(url: str, convs: Sequence[Conversation], agents: int, max_new:
     return out, time.perf_counter() - t0
 
 
+class MemorySampler:
+    """Every `every_s` during a run: the copy indexes' size (the worker's draft_index gauges,
+    updated every few steps) and the server's resident memory (its process tree): the memory
+    curve of a long replay."""
+
+    GAUGES = {"agentserve:draft_index_session_tokens": "session_tokens",
+              "agentserve:draft_index_shared_tokens": "shared_tokens",
+              "agentserve:draft_index_sessions": "sessions"}
+
+    def __init__(self, url: str, pid: Optional[int], every_s: float = 5.0) -> None:
+        self.url, self.pid, self.every_s = url, pid, every_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def sample(self) -> dict[str, Any]:
+        from agentserve.bench.prom import scrape
+        from agentserve.soak import tree_rss
+
+        s: dict[str, Any] = {"t": time.perf_counter() - self._t0}
+        try:
+            for (name, _), v in scrape(self.url).items():
+                if name in self.GAUGES:
+                    s[self.GAUGES[name]] = v
+        except Exception as e:  # a sample that fails is a gap in the curve, not a failed run
+            s["error"] = str(e)
+        s["rss_bytes"] = tree_rss(self.pid) if self.pid else None
+        return s
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(self.sample())
+
+    def __enter__(self) -> "MemorySampler":
+        self.samples.append(self.sample())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.sample())
+
+
 def accepted_by_source(before: dict, after: dict) -> dict[str, float]:
     """Accepted drafts per source over a run (session / shared / radix / model), all agents."""
     out: dict[str, float] = {}
@@ -104,9 +149,11 @@ def bench_system(name: str, base: Any, convs: list[Conversation], levels: list[i
         send(srv.url, convs[0].prompt(0, [])[:64], 4)  # warm-up
         for n in levels:
             before = scrape(srv.url)
-            level, wall = replay_agents(srv.url, convs, n, max_new, think_s, labels={"system": name, "agents": n},
-                                        agent_prefix=f"{name}-a{n}")
+            with MemorySampler(srv.url, srv.proc.pid) as mem:
+                level, wall = replay_agents(srv.url, convs, n, max_new, think_s, labels={"system": name, "agents": n},
+                                            agent_prefix=f"{name}-a{n}")
             rows.append(run_row(name, n, level, wall, accepted_by_source(before, scrape(srv.url))))
+            rows[-1]["memory"] = mem.samples
             recs += level
             r = rows[-1]
             print(f"  {name:7s} agents={n}: {r['turns']} turns, {r['turns_per_min']:.1f} turns/min, total tok/s "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import requests
 
-PREFIXES = ("agentserve:spec_", "agentserve:verify_budget", "agentserve:agent_spec_accepted_drafts")
+PREFIXES = ("agentserve:spec_", "agentserve:verify_budget", "agentserve:agent_spec_accepted_drafts", "agentserve:draft_index")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

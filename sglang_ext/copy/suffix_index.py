@@ -346,6 +346,12 @@ class SessionIndexRegistry:
         self._scope: dict[Hashable, Optional[str]] = {}  # session -> shared scope key (bind)
         self._flushed: dict[Hashable, int] = {}  # session -> view length already learned into its scope
 
+    def memory(self) -> tuple[int, int, int]:
+        """(tokens in session indexes, tokens in the shared store, sessions held): what the
+        bounds (max_total_tokens, shared_tokens) cap."""
+        shared = self.shared.total_tokens() if self.shared is not None else 0
+        return self._total, shared, len(self._idx)
+
     def bind(self, session_id: Hashable, agent: str = "", tier: str = "") -> None:
         """Name the agent and tier a session belongs to (its shared scope)."""
         if self.shared is not None:

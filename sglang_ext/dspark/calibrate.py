@@ -18,11 +18,12 @@ import os
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from .calibration import STSCalibration, expected_calibration_error
+from .calibration import STSCalibration, expected_calibration_error, fit_sts
 
 
 def split_half(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors", type=int, default=8, help="anchors per record")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--objective", choices=["nll", "ece"], default="nll",
+                   help="what each position's temperature minimises on the fit half (the other is reported too)")
+    p.add_argument("--rollouts", default=None,
+                   help="JSON file of the rollouts (confidence logits, accepted lengths): read if it exists and "
+                        "matches the settings, else written after the rollouts, so a refit costs no target run")
     p.add_argument("--write", action="store_true", help="save sts_calibration.json if it lowers test ECE")
     return p
 
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .corpus import load_corpus
     from .drafter import DSparkDrafter
-    from .offline_eval import evaluate_offline
+    from .offline_eval import OfflineStats, evaluate_offline
     from .train import load_target
 
     for name in ("drafter", "target", "corpus"):  # bad paths name their argument, not a traceback
@@ -74,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     use_seq = not bool(drafter.config.extra.get("dspark_training", {}).get("no_sequential"))  # DFlash: no Markov head
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     records = load_corpus(args.corpus, "eval")
+    settings = {"drafter": os.path.abspath(args.drafter), "corpus": os.path.abspath(args.corpus), "seqs": args.seqs,
+                "anchors": args.anchors, "seed": args.seed}
+    cached: dict[str, Any] = {}
+    fresh: dict[str, Any] = {}
+    if args.rollouts and os.path.exists(args.rollouts):
+        with open(args.rollouts, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("settings") == settings:
+            cached = saved["stats"]
+            print(f"rollouts from {args.rollouts}", file=sys.stderr)
+        else:
+            print(f"{args.rollouts}: other settings ({saved.get('settings')}); rolling out again", file=sys.stderr)
     cal = STSCalibration()
     report: dict[str, Any] = {"drafter": os.path.abspath(args.drafter), "corpus": os.path.abspath(args.corpus),
                               "split": "eval (crc32(key) % 2: 0 fit, 1 test)", "anchors": args.anchors}
@@ -87,28 +105,42 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stats = {}
         for name, recs in (("fit", fit), ("test", test)):
+            key = f"{variant}/{name}"
+            if key in cached:
+                stats[name] = OfflineStats(**cached[key])
+                continue
             st = evaluate_offline(drafter, target, recs, temperature=temp, anchors_per_seq=args.anchors,
                                   seed=args.seed, use_sequential_head=use_seq, eos_token_ids=eos)["all"]
+            fresh[key] = asdict(st)
             if not st.conf_logits:
                 print("the drafter has no confidence head: nothing to calibrate", file=sys.stderr)
                 return 2
             stats[name] = st
             print(f"T={temp} {name}: {len(recs)} records, {len(st.accept_lens)} blocks, tau {st.tau:.3f} "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr)
-        cal.fit(temp, torch.tensor(stats["fit"].conf_logits), stats["fit"].survived())
+        zf, sf = torch.tensor(stats["fit"].conf_logits), stats["fit"].survived()
+        zt, st_ = torch.tensor(stats["test"].conf_logits), stats["test"].survived()
+        other = "ece" if args.objective == "nll" else "nll"
+        alt = fit_sts(zf, sf, objective=other)[0]  # reported beside, never shipped
+        cal.fit(temp, zf, sf, objective=args.objective)
         temps = cal.buckets[f"{temp:.1f}"]
         g = len(temps)
-        zt, st_ = torch.tensor(stats["test"].conf_logits), stats["test"].survived()
         before, after = survival_ece(zt, st_, [1.0] * g), survival_ece(zt, st_, temps)
         mean_b, mean_a = sum(before) / g, sum(after) / g
         helps &= mean_a < mean_b
         report[f"T={temp}"] = {"fit_records": len(fit), "test_records": len(test),
                                "fit_blocks": len(stats["fit"].accept_lens), "test_blocks": len(stats["test"].accept_lens),
-                               "tau_test": stats["test"].tau, "temperatures": temps,
+                               "tau_test": stats["test"].tau, "objective": args.objective, "temperatures": temps,
                                "test_ece_before": before, "test_ece_after": after,
-                               "test_ece_mean_before": mean_b, "test_ece_mean_after": mean_a}
-        print(f"T={temp}: test ECE (mean over positions) {mean_b:.4f} -> {mean_a:.4f}; temperatures "
-              + " ".join(f"{t:.2f}" for t in temps), file=sys.stderr)
+                               "test_ece_mean_before": mean_b, "test_ece_mean_after": mean_a,
+                               f"{other}_objective": {"temperatures": alt,
+                                                      "test_ece_after": survival_ece(zt, st_, alt)}}
+        print(f"T={temp}: test ECE (mean over positions) {mean_b:.4f} -> {mean_a:.4f} ({args.objective}); "
+              f"temperatures " + " ".join(f"{t:.2f}" for t in temps)
+              + f"; fitted by {other}: {sum(survival_ece(zt, st_, alt)) / g:.4f}", file=sys.stderr)
+    if args.rollouts and fresh:
+        with open(args.rollouts, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "stats": {**cached, **fresh}}, f)
     report["lowers_test_ece"] = helps
     report["written"] = bool(args.write and helps)
     report["minutes"] = (time.time() - t0) / 60

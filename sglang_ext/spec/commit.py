@@ -85,6 +85,7 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
         stats.rids, stats.t = rids, time.time()
     w.last = stats
     worker_metrics.observe_step(stats)
+    worker_metrics.index_memory(w.index)
     w.load.observe_agents(stats.agents, stats.emitted, stats.accepted, stats.sources)
     w.load.observe(rids, stats.tiers, stats.emitted, w.sps.curve,
                    behind=w.tier_policy.behind if w.scheduler_mode == "tier_aware" else None,

@@ -57,18 +57,22 @@ def plan(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, tiers: list[str])
     if w.scheduler_mode == "verify_all":  # baseline: every proposed draft, no scheduling
         lens = max_len.clone()
     elif prop.copy_rows and not prop.model_rows:
-        # Copied drafts only: every input is known before sampling, so the width that
-        # maximises expected tokens/s under the padded cost (the sweep in best_width) can
-        # be used directly. Algorithm 1's early stop exists for drafts whose confidences
-        # come from their own sampled tokens, and on a cost curve with a step (CPU:
-        # 2 tokens cost about what 8 do) it would never take the first token.
+        # Copied drafts only: every input is known before sampling, so the lengths that
+        # maximise expected tokens/s (best_width's search: per row when ragged, one width
+        # when padded) can be used directly. Algorithm 1's early stop exists for drafts whose
+        # confidences come from their own sampled tokens, and on a cost curve with a step
+        # (CPU: 2 tokens cost about what 8 do) it would never take the first token.
         lens = torch.clamp(max_len, max=prop.best_w - 1)
+        if ragged:
+            for i in prop.copy_rows:
+                lens[i] = min(int(max_len[i]), prop.copy_lens.get(i, 0))
     else:
         lens = schedule_algorithm1(SchedulerInput(conf, weight=weight, max_len=max_len), w.sps.at(inp.kv))
         for i in prop.copy_rows:
             # copy rows next to model rows: at least the width check's length, as when copies are
             # alone (Algorithm 1's early stop would cut their deterministic drafts short)
-            lens[i] = max(int(lens[i]), min(int(max_len[i]), prop.best_w - 1))
+            floor = prop.copy_lens.get(i, 0) if ragged else prop.best_w - 1
+            lens[i] = max(int(lens[i]), min(int(max_len[i]), floor))
         if prop.copy_rows and not w.ragged:
             # copy rows ride along up to the step's width for free (deterministic drafts)
             wide = int(lens.max())
@@ -87,35 +91,68 @@ def plan(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, tiers: list[str])
 
 
 def best_width(w: AgentSparkWorker, decisions: list[Optional[HybridDecision]], copy_rows: list[int],
-               model_rows: list[int], rids: list[str], bs: int, kv: float = 0.0) -> int:
-    """Batch-level cost check before drafting: the verify width W (1 = decode plainly) with
-    the most expected tokens per second. Uniform layout: every row is padded to the widest,
-    so the step costs SPS at bs x W. Expected tokens at width W: each copy row's sum of
-    survival products over its first W-1 positions, each model row its past acceptance
-    capped at W-1; all rows count together (a lone row rarely pays for the padding, eight
-    copy rows often do). Pre-sampling information only (copy confidences are deterministic
-    given the context; the model's expectation is its past acceptance), so verification
-    stays lossless."""
-    best_rate, best_w = bs / w.sps.step_seconds(bs, kv), 1
+               model_rows: list[int], rids: list[str], bs: int, kv: float = 0.0) -> tuple[int, dict[int, int]]:
+    """Batch-level cost check before drafting: (W, copy lengths). W is the verify width with the
+    most expected tokens per second (1 = decode plainly). Expected tokens: each copy row's sum
+    of survival products over the positions it verifies, each model row its past acceptance
+    capped by its positions; all rows count together (a lone row rarely pays for a step's
+    extra cost, eight copy rows often do). Uniform layout: every row is padded to W, so the
+    step costs SPS at bs x W and each copy row verifies up to W - 1. Ragged layout: each copy
+    row gets its own length (`ragged_lengths`), so a copy that rarely survives past its first
+    token does not verify seven. Pre-sampling information only (copy confidences are
+    deterministic given the context; the model's expectation is its past acceptance), so
+    verification stays lossless."""
+    plain_rate = bs / w.sps.step_seconds(bs, kv)
     copy_pp = []
     for i in copy_rows:
         d = decisions[i]
         assert d is not None
         copy_pp.append(prefix_products([float(c) for c in d.confidences]))
     model_e = [w.gate.expected(rids[i]) for i in model_rows]
-    widest = max([len(pp) for pp in copy_pp] + [w.block if model_rows else 0])
     t_draft = (w.gate.t_draft or 0.0) * len(model_rows)
+    if w.ragged:
+        rate, lens = ragged_lengths(w, copy_pp, model_e, bs, kv, t_draft)
+        if rate <= plain_rate:
+            return 1, {}
+        width = 1 + max(lens + ([w.block] if model_rows else []), default=0)
+        return max(width, 2), {i: n for i, n in zip(copy_rows, lens)}
+    best_rate, best_w = plain_rate, 1
+    widest = max([len(pp) for pp in copy_pp] + [w.block if model_rows else 0])
     for width in range(2, widest + 2):
         gain = sum(sum(pp[: width - 1]) for pp in copy_pp) + sum(min(e, width - 1) for e in model_e)
-        if w.ragged:  # only rows with drafts grow: bs + their positions
-            n = bs + sum(min(len(pp), width - 1) for pp in copy_pp) + len(model_rows) * min(w.block, width - 1)
-            t = w.sps.cheapest_tokens(n, bs * (w.copy_block + 1), kv)[1]
-        else:  # every row padded to the width: the cheapest width >= it, see StepCost.cheapest_width
-            t = w.sps.cheapest_width(bs, width, w.copy_block + 1, kv)[1]
+        # every row padded to the width: the cheapest width >= it, see StepCost.cheapest_width
+        t = w.sps.cheapest_width(bs, width, w.copy_block + 1, kv)[1]
         rate = (bs + gain) / (t + t_draft)
         if rate > best_rate:
             best_rate, best_w = rate, width
-    return best_w
+    return best_w, {}
+
+
+def ragged_lengths(w: AgentSparkWorker, copy_pp: list[list[float]], model_e: list[float], bs: int,
+                   kv: float, t_draft: float) -> tuple[float, list[int]]:
+    """Ragged steps: (expected tokens/s, each copy row's verify length). Model rows verify
+    their whole block (the gate chose them; they add their positions, their expected
+    acceptance and the drafter's time). Copy positions are added best survival first, and the
+    best prefix of that order wins: a global search, not Algorithm 1's early stop, since copy
+    confidences are known before the step (lossless either way) and the cost curve has steps.
+    A count of batch tokens costs the cheapest count at or above it (fill_to_cheapest pads)."""
+    n0 = bs + len(model_e) * w.block
+    top = max(bs * (w.copy_block + 1), n0)
+    cost = [w.sps.step_seconds(n, kv) for n in range(n0, top + 1)]
+    for k in range(len(cost) - 2, -1, -1):  # suffix minimum: cheapest at or above
+        cost[k] = min(cost[k], cost[k + 1])
+    gain = sum(min(e, w.block) for e in model_e)
+    cand = sorted(((a, j, r) for r, pp in enumerate(copy_pp) for j, a in enumerate(pp, 1) if a > 0),
+                  key=lambda t: (-t[0], t[1], t[2]))
+    lens = [0] * len(copy_pp)
+    best_rate, best = (bs + gain) / (cost[0] + t_draft), list(lens)
+    for k, (a, j, r) in enumerate(cand, 1):
+        lens[r] = j
+        gain += a
+        rate = (bs + gain) / (cost[min(k, len(cost) - 1)] + t_draft)
+        if rate > best_rate:
+            best_rate, best = rate, list(lens)
+    return best_rate, best
 
 
 def draft_costs(w: AgentSparkWorker, bs: int, kv: float = 0.0) -> tuple[float, float]:

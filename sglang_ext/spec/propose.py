@@ -131,6 +131,7 @@ class Proposal:
     max_len: Optional[torch.Tensor] = None
     q_probs: Optional[torch.Tensor] = None
     best_w: int = 0  # the cost check's verify width for copy-only steps (plan.best_width)
+    copy_lens: dict[int, int] = field(default_factory=dict)  # ragged: each copy row's length
 
     @property
     def drafting(self) -> bool:
@@ -157,14 +158,14 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
             if d != "skip":
                 model_rows.append(i)
                 probing |= d == "probe"
-    best_w = (planning.best_width(w, decisions, copy_rows, model_rows, rids, bs, inp.kv)
-              if gated and (copy_rows or model_rows) else 0)
+    best_w, copy_lens = (planning.best_width(w, decisions, copy_rows, model_rows, rids, bs, inp.kv)
+                         if gated and (copy_rows or model_rows) else (0, {}))
     if gated and best_w <= 1 and not probing:
         # this step decodes plainly (decided before any drafting); a probe drafts anyway, or a
         # drafter the width check once priced too dear would never be measured again
         return Proposal(decisions)
     g = w.copy_block
-    prop = Proposal(decisions, copy_rows, model_rows, best_w=best_w,
+    prop = Proposal(decisions, copy_rows, model_rows, best_w=best_w, copy_lens=copy_lens,
                     drafts=torch.zeros(bs, g, dtype=torch.long, device=w.device),
                     conf=torch.zeros(bs, g, dtype=torch.float32, device=w.device),
                     max_len=torch.zeros(bs, dtype=torch.long))

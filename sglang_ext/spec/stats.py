@@ -86,6 +86,12 @@ def _metrics() -> dict[str, Any] | None:
             "held": Counter("agentserve:tier_prefill_held_total", "Scheduling rounds a waiting request of the tier was held back by prefill pacing (its prefill would break a running promise)", ["tier"]),
             "held_now": Gauge("agentserve:tier_prefill_held_requests", "Waiting requests of the tier held back by prefill pacing at the last scheduling round", ["tier"],
                               multiprocess_mode="mostrecent"),
+            # copy-drafting memory (soak and `bench agents` sample these: bounded, flat under load)
+            "index_session": Gauge("agentserve:draft_index_session_tokens", "Tokens held by the per-session suffix indexes",
+                                   multiprocess_mode="mostrecent"),
+            "index_shared": Gauge("agentserve:draft_index_shared_tokens", "Tokens held by the cross-session (agent/tier/global) index",
+                                  multiprocess_mode="mostrecent"),
+            "index_sessions": Gauge("agentserve:draft_index_sessions", "Session suffix indexes held", multiprocess_mode="mostrecent"),
             "tier_len": Histogram("agentserve:tier_verify_len_per_request", "Draft tokens verified per request per step, per tier", ["tier"], buckets=width_buckets),
         }
     except Exception as e:  # pragma: no cover - prometheus misconfigured
@@ -118,6 +124,26 @@ def prefill_held(tiers: list[str]) -> None:
                     _held_now[t] = now.get(t, 0)
         except Exception as e:  # pragma: no cover
             log.debug("metric update failed: %s", e)
+
+
+INDEX_EVERY = 16  # steps between two updates of the index-memory gauges
+_index_steps = 0
+
+
+def index_memory(registry: Any) -> None:
+    """Every INDEX_EVERY calls: the copy indexes' size (registry: copy.suffix_index.SessionIndexRegistry)."""
+    global _index_steps
+    _index_steps += 1
+    m = _metrics()
+    if not m or registry is None or _index_steps % INDEX_EVERY != 1:
+        return
+    try:
+        session_tokens, shared_tokens, sessions = registry.memory()
+        m["index_session"].set(session_tokens)
+        m["index_shared"].set(shared_tokens)
+        m["index_sessions"].set(sessions)
+    except Exception as e:  # pragma: no cover
+        log.debug("metric update failed: %s", e)
 
 
 def mixed_step() -> None:

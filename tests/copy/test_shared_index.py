@@ -280,3 +280,25 @@ def test_matching_lengths_match_bruteforce() -> None:
                 k += 1
             want.append(k)
         assert idx.matching_lengths(seq) == want
+
+
+def test_memory_stays_within_the_bounds_over_a_long_replay() -> None:
+    """What the draft_index gauges report: session and shared tokens never exceed their caps
+    however many sessions come and go (oldest sessions and scopes are evicted)."""
+    rng = random.Random(2)
+    reg = SessionIndexRegistry(max_total_tokens=4000, max_tokens_per_session=1500, shared="agent",
+                               shared_tokens=3000, shared_tokens_per_scope=1000, flush_every=64,
+                               max_context=32, max_propose=16)
+    peak = (0, 0)
+    for k in range(40):
+        sid = f"session:{k}"
+        reg.bind(sid, f"agent-{k % 5}", "t")
+        reg.sync(sid, [rng.randrange(100, 5000) for _ in range(300)])
+        for _ in range(10):
+            reg.extend(sid, [rng.randrange(100, 5000) for _ in range(20)])
+        session_tokens, shared_tokens, sessions = reg.memory()
+        peak = (max(peak[0], session_tokens), max(peak[1], shared_tokens))
+        if k % 3 == 0:
+            reg.drop(sid)
+    assert 0 < peak[0] <= 4000 and 0 < peak[1] <= 3000
+    assert reg.memory()[2] < 40  # evicted, not kept

@@ -66,9 +66,19 @@ def test_calibrate_draft_end_to_end(tiny_target, tmp_path: Path) -> None:  # noq
                        "--layers", "1", "--markov-rank", "8", "--target-layers", "3", "--device", "cpu",
                        "--anchors", "4", "--no-progress", "--topk", "8", "--feature-cache", str(tmp_path / "fc"),
                        "--eval-every", "10", "--steps", "10", "--eval-anchors", "2", "--eval-seqs", "2"]) == 0
-    assert calibrate.main(["--drafter", str(out), "--target", tdir, "--corpus", str(cdir), "--seqs", "6",
-                           "--anchors", "4", "--write"]) == 0
+    rollouts = tmp_path / "rollouts.json"
+    args = ["--drafter", str(out), "--target", tdir, "--corpus", str(cdir), "--seqs", "6", "--anchors", "4",
+            "--rollouts", str(rollouts)]
+    assert calibrate.main(args + ["--write"]) == 0
     rep = json.load(open(out / "calibration_report.json"))
+    # a refit from the saved rollouts: no target run, the same numbers
+    saved = json.loads(rollouts.read_text())
+    assert set(saved["stats"]) == {"greedy/fit", "greedy/test", "sampled/fit", "sampled/test"}
+    (out / "sts_calibration.json").unlink(missing_ok=True)
+    assert calibrate.main(args + ["--write"]) == 0
+    rep2 = json.load(open(out / "calibration_report.json"))
+    assert [rep2[t]["test_ece_after"] for t in ("T=0.0", "T=1.0")] == [rep[t]["test_ece_after"] for t in ("T=0.0", "T=1.0")]
+    assert rep["T=0.0"]["objective"] == "nll" and "temperatures" in rep["T=0.0"]["ece_objective"]
     for t in ("T=0.0", "T=1.0"):
         r = rep[t]
         assert r["fit_records"] > 0 and r["test_records"] > 0 and r["test_blocks"] > 0

@@ -227,8 +227,11 @@ def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server
 def test_worker_metrics_exported(agentspark_server) -> None:
     gen(agentspark_server.url, {"text": "List five colours:", "sampling_params": {"temperature": 0, "max_new_tokens": 16}})
     text = requests.get(agentspark_server.url + "/metrics", timeout=60).text
-    for name in ("agentserve:verify_width_count", "agentserve:spec_step_seconds_count", "agentserve:verify_budget_tokens_sum"):
+    for name in ("agentserve:verify_width_count", "agentserve:spec_step_seconds_count", "agentserve:verify_budget_tokens_sum",
+                 "agentserve:draft_index_session_tokens", "agentserve:draft_index_shared_tokens", "agentserve:draft_index_sessions"):
         assert name in text, name
+    sessions = [float(l.split()[-1]) for l in text.splitlines() if l.startswith("agentserve:draft_index_sessions")]
+    assert sessions and all(v >= 0 for v in sessions)
 
 
 @pytest.fixture(scope="module")
