@@ -20,8 +20,14 @@ def plot(rep: dict[str, Any], path: Path, bin_s: float = 10.0) -> None:
     fig, ax = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
     ax[0].plot(t, [(x.get("rss_bytes") or 0) / 2**20 for x in s], color="tab:purple")
     ax[0].set_ylabel("server RSS (MiB)")
-    ax[1].plot(t, [x.get("token_usage") for x in s], color="tab:brown")
+    ax[1].plot(t, [x.get("token_usage") for x in s], color="tab:brown", label="KV token usage")
     ax[1].set_ylabel("KV token usage")
+    if any(x.get("draft_index_session_tokens") is not None for x in s):  # AGENTSPARK: copy-index memory
+        twin = ax[1].twinx()
+        for key, colour in (("draft_index_session_tokens", "tab:olive"), ("draft_index_shared_tokens", "tab:cyan")):
+            twin.plot(t, [x.get(key) for x in s], color=colour, label=key.replace("draft_index_", "index ").replace("_", " "))
+        twin.set_ylabel("draft index tokens")
+        twin.legend(loc="upper left", fontsize=8)
     ax[2].plot(t, [x.get("num_running_reqs") for x in s], label="running")
     ax[2].plot(t, [x.get("num_queue_reqs") for x in s], label="queued")
     ax[2].plot(t, [x.get("open_sessions") for x in s], label="open sessions")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .calibration import STSCalibration, expected_calibration_error, fit_sts
+from .calibration import STSCalibration, expected_calibration_error, fit_sts, fit_sts_bias
 
 
 def split_half(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -33,9 +33,12 @@ def split_half(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return fit, test
 
 
-def survival_ece(conf_logits: torch.Tensor, survived: torch.Tensor, temps: list[float]) -> list[float]:
-    """ECE per position of prod_{i<=k} sigmoid(z_i / T_i) against observed prefix survival."""
+def survival_ece(conf_logits: torch.Tensor, survived: torch.Tensor, temps: list[float],
+                 biases: list[float] | None = None) -> list[float]:
+    """ECE per position of prod_{i<=k} sigmoid(z_i / T_i + b_i) against observed prefix survival."""
     z = conf_logits.double() / torch.tensor(temps, dtype=torch.float64)[None, :]
+    if biases is not None:
+        z = z + torch.tensor(biases, dtype=torch.float64)[None, :]
     cum = torch.cumprod(torch.sigmoid(z), dim=1)
     return [expected_calibration_error(cum[:, k], survived[:, k].double()) for k in range(z.shape[1])]
 
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--objective", choices=["nll", "ece"], default="nll",
                    help="what each position's temperature minimises on the fit half (the other is reported too)")
+    p.add_argument("--bias", action="store_true",
+                   help="also fit a shift per position, c = sigmoid(z / T + b), by log-loss (ignores --objective)")
     p.add_argument("--rollouts", default=None,
                    help="JSON file of the rollouts (confidence logits, accepted lengths): read if it exists and "
                         "matches the settings, else written after the rollouts, so a refit costs no target run")
@@ -122,20 +127,27 @@ def main(argv: list[str] | None = None) -> int:
         zt, st_ = torch.tensor(stats["test"].conf_logits), stats["test"].survived()
         other = "ece" if args.objective == "nll" else "nll"
         alt = fit_sts(zf, sf, objective=other)[0]  # reported beside, never shipped
-        cal.fit(temp, zf, sf, objective=args.objective)
-        temps = cal.buckets[f"{temp:.1f}"]
+        biases = None
+        if args.bias:
+            temps, biases = fit_sts_bias(zf, sf)
+            cal.buckets[f"{temp:.1f}"], cal.biases[f"{temp:.1f}"] = temps, biases
+        else:
+            cal.fit(temp, zf, sf, objective=args.objective)
+            temps = cal.buckets[f"{temp:.1f}"]
         g = len(temps)
-        before, after = survival_ece(zt, st_, [1.0] * g), survival_ece(zt, st_, temps)
+        before, after = survival_ece(zt, st_, [1.0] * g), survival_ece(zt, st_, temps, biases)
         mean_b, mean_a = sum(before) / g, sum(after) / g
         helps &= mean_a < mean_b
         report[f"T={temp}"] = {"fit_records": len(fit), "test_records": len(test),
                                "fit_blocks": len(stats["fit"].accept_lens), "test_blocks": len(stats["test"].accept_lens),
-                               "tau_test": stats["test"].tau, "objective": args.objective, "temperatures": temps,
+                               "tau_test": stats["test"].tau, "objective": "nll+bias" if args.bias else args.objective,
+                               "temperatures": temps, "biases": biases,
                                "test_ece_before": before, "test_ece_after": after,
                                "test_ece_mean_before": mean_b, "test_ece_mean_after": mean_a,
                                f"{other}_objective": {"temperatures": alt,
                                                       "test_ece_after": survival_ece(zt, st_, alt)}}
-        print(f"T={temp}: test ECE (mean over positions) {mean_b:.4f} -> {mean_a:.4f} ({args.objective}); "
+        print(f"T={temp}: test ECE (mean over positions) {mean_b:.4f} -> {mean_a:.4f} "
+              f"({'nll+bias' if args.bias else args.objective}); "
               f"temperatures " + " ".join(f"{t:.2f}" for t in temps)
               + f"; fitted by {other}: {sum(survival_ece(zt, st_, alt)) / g:.4f}", file=sys.stderr)
     if args.rollouts and fresh:

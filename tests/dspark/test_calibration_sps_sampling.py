@@ -142,3 +142,30 @@ def test_sts_by_log_loss_holds_up_on_a_few_hundred_blocks() -> None:
     assert all(1.0 < t < 30.0 for t in temps), temps
     with pytest.raises(ValueError, match="objective"):
         fit_sts(z, s, objective="brier")
+
+
+def test_a_shifted_head_needs_the_bias_and_it_round_trips(tmp_path) -> None:
+    """Logits right in scale but 1.5 too high: the fitted shift brings held-out ECE down where a
+    temperature alone helps less; the file keeps the shifts and applies them."""
+    from sglang_ext.dspark.calibrate import survival_ece
+    from sglang_ext.dspark.calibration import fit_sts_bias
+
+    def shifted(n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        true_logit = torch.randn(n, 4, generator=gen, dtype=torch.float64) + 0.5
+        ok = torch.rand(n, 4, generator=gen, dtype=torch.float64) < torch.sigmoid(true_logit)
+        return true_logit + 1.5, torch.cumprod(ok.long(), 1).bool()
+
+    z, s = shifted(3000, 5)
+    z2, s2 = shifted(20000, 6)
+    temps, biases = fit_sts_bias(z, s)
+    assert biases[0] == pytest.approx(-1.5, abs=0.3)
+    raw = sum(survival_ece(z2, s2, [1.0] * 4))
+    temp_only = sum(survival_ece(z2, s2, fit_sts(z, s, objective="nll")[0]))
+    shifted_fit = sum(survival_ece(z2, s2, temps, biases))
+    assert shifted_fit < temp_only < raw and shifted_fit < 0.3 * raw
+    cal = STSCalibration(buckets={"0.0": temps}, biases={"0.0": biases})
+    cal.save(str(tmp_path / "sts.json"))
+    back = STSCalibration.load(str(tmp_path / "sts.json"))
+    want = torch.sigmoid(z2[:3] / torch.tensor(temps) + torch.tensor(biases)).float()
+    assert torch.allclose(back.apply_logits(z2[:3].float(), 0.0), want, atol=1e-5)
