@@ -76,9 +76,6 @@ class MemorySampler:
     updated every few steps) and the server's resident memory (its process tree): the memory
     curve of a long replay."""
 
-    GAUGES = {"agentserve:draft_index_session_tokens": "session_tokens",
-              "agentserve:draft_index_shared_tokens": "shared_tokens",
-              "agentserve:draft_index_sessions": "sessions"}
 
     def __init__(self, url: str, pid: Optional[int], every_s: float = 5.0) -> None:
         self.url, self.pid, self.every_s = url, pid, every_s
@@ -89,13 +86,13 @@ class MemorySampler:
 
     def sample(self) -> dict[str, Any]:
         from agentserve.bench.prom import scrape
-        from agentserve.soak import tree_rss
+        from agentserve.soak import INDEX_GAUGES, tree_rss
 
         s: dict[str, Any] = {"t": time.perf_counter() - self._t0}
         try:
             for (name, _), v in scrape(self.url).items():
-                if name in self.GAUGES:
-                    s[self.GAUGES[name]] = v
+                if name.removeprefix("agentserve:") in INDEX_GAUGES:
+                    s[name.removeprefix("agentserve:")] = v  # the soak's keys, e.g. draft_index_session_tokens
         except Exception as e:  # a sample that fails is a gap in the curve, not a failed run
             s["error"] = str(e)
         s["rss_bytes"] = tree_rss(self.pid) if self.pid else None

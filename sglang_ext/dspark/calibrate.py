@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(getattr(args, name)):
             print(f"agentserve calibrate-draft: --{name}: {getattr(args, name)!r} is not a directory", file=sys.stderr)
             return 2
+    saved: dict[str, Any] = {}
+    if args.rollouts and os.path.exists(args.rollouts):
+        try:
+            with open(args.rollouts, encoding="utf-8") as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict) or not isinstance(saved.get("stats"), dict):
+                raise ValueError("no 'stats' field")
+        except (OSError, ValueError) as e:
+            print(f"agentserve calibrate-draft: --rollouts: {args.rollouts!r} is not a rollouts file ({e})", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -89,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 "anchors": args.anchors, "seed": args.seed}
     cached: dict[str, Any] = {}
     fresh: dict[str, Any] = {}
-    if args.rollouts and os.path.exists(args.rollouts):
-        with open(args.rollouts, encoding="utf-8") as f:
-            saved = json.load(f)
+    if saved:
         if saved.get("settings") == settings:
             cached = saved["stats"]
             print(f"rollouts from {args.rollouts}", file=sys.stderr)

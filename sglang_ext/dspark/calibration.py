@@ -158,13 +158,17 @@ class STSCalibration:
         self.stats[key] = {"ece_before": before, "ece_after": after}
         return self.stats[key]
 
+    def _nearest(self, sampling_temperature: float) -> str:
+        return min(self.buckets, key=lambda k: (abs(float(k) - float(sampling_temperature)), float(k)))
+
+    @staticmethod
+    def _padded(values: list[float], gamma: int) -> torch.Tensor:
+        return torch.tensor((values + [values[-1]] * gamma)[:gamma], dtype=torch.float64)  # the block size may grow
+
     def temperatures_for(self, sampling_temperature: float, gamma: int) -> torch.Tensor:
         if not self.buckets:
             return torch.ones(gamma, dtype=torch.float64)
-        keys = sorted(self.buckets, key=lambda k: (abs(float(k) - float(sampling_temperature)), float(k)))
-        t = list(self.buckets[keys[0]])
-        t = (t + [t[-1]] * gamma)[:gamma]  # pad if the block size grew
-        return torch.tensor(t, dtype=torch.float64)
+        return self._padded(list(self.buckets[self._nearest(sampling_temperature)]), gamma)
 
     def apply_logits(self, conf_logits: torch.Tensor, sampling_temperatures: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
         """conf_logits [R, g] -> calibrated c [R, g] (float32)."""
@@ -189,10 +193,7 @@ class STSCalibration:
         """b_1..b_g of the bucket temperatures_for picks (zeros where it has none)."""
         if not self.buckets:
             return torch.zeros(gamma, dtype=torch.float64)
-        key = sorted(self.buckets, key=lambda k: (abs(float(k) - float(sampling_temperature)), float(k)))[0]
-        b = list(self.biases.get(key) or [0.0])
-        b = (b + [b[-1]] * gamma)[:gamma]
-        return torch.tensor(b, dtype=torch.float64)
+        return self._padded(list(self.biases.get(self._nearest(sampling_temperature)) or [0.0]), gamma)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"format": "dspark-sts-v1", "buckets": self.buckets, "stats": self.stats}

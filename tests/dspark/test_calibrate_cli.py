@@ -29,6 +29,14 @@ def test_a_missing_path_names_its_argument(tmp_path: Path, capsys) -> None:
     assert "--drafter" in capsys.readouterr().err
 
 
+def test_a_broken_rollouts_file_names_its_argument(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "rollouts.json"
+    bad.write_text("{not json")
+    assert calibrate.main(["--drafter", str(tmp_path), "--target", str(tmp_path), "--corpus", str(tmp_path),
+                           "--rollouts", str(bad)]) == 2
+    assert "--rollouts" in capsys.readouterr().err
+
+
 def test_survival_ece_uses_the_cumulative_product() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(500, 3, generator=g, dtype=torch.float64)
