@@ -55,6 +55,12 @@ class DrafterSpec(_Strict):
     # widest, SGLang's uniform TARGET_VERIFY layout)
     ragged_verify: bool = True
 
+    @field_validator("shared_index", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, v: object) -> object:
+        # YAML 1.1 reads an unquoted `off` as false: `shared_index: off` means "off"
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _needs_path(self) -> DrafterSpec:
         if self.algorithm in ("agentspark", "dspark") and not self.path:

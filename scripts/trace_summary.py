@@ -25,6 +25,12 @@ def main(path: str) -> None:
     print("source   rows  expected  accepted  verified")
     for name, (rows, e, a, n) in sorted(src.items()):
         print(f"{name:8s} {rows:5d} {e:9.1f} {a:9d} {n:9d}")
+    # copy rows cut short by the plan: every verified draft accepted while more were proposed
+    cut = [(a, p - n) for s in steps for src_, a, n, p in zip(s["sources"], s["accepted"], s["verify_lens"],
+                                                              s.get("proposed") or [0] * len(s["sources"]))
+           if src_ not in ("model", "none") and a == n and p > n]
+    if any(s.get("proposed") for s in steps):
+        print(f"copy rows fully accepted with drafts left unverified: {len(cut)} (drafts left: {sum(x[1] for x in cut)})")
     print("bs  kind    steps  forward s (median)  batch tokens (mean)  emitted/step  emitted/s (forward)")
     by: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for s in steps:

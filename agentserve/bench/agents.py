@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from agentserve.bench import metrics
+from agentserve.bench import identity, metrics
 from agentserve.bench.args import non_negative_float, parse_list, parse_systems, positive_int
 from agentserve.bench.client import RequestRecord, close_session, open_session, send
 from agentserve.bench.public_traces import Conversation, conversation, load_complexfuncbench
@@ -37,9 +37,10 @@ Sender = Callable[..., RequestRecord]
 
 def replay_agents(url: str, convs: Sequence[Conversation], agents: int, max_new: int, think_s: float = 0.0,
                   labels: Optional[dict[str, Any]] = None, sender: Sender = send, sessions: bool = True,
-                  agent_prefix: str = "agent") -> tuple[list[RequestRecord], float]:
-    """Closed loop: `agents` threads, each one turn in flight at a time.  Returns the turn
-    records (labels: agent, trace, turn) and the wall time of the run."""
+                  agent_prefix: str = "agent", repeat: int = 1) -> tuple[list[RequestRecord], float]:
+    """Closed loop: `agents` threads, each one turn in flight at a time; with `repeat` > 1 each
+    agent goes through its traces again, in new sessions (an agent repeating its tasks).
+    Returns the turn records (labels: agent, trace, turn, pass) and the wall time of the run."""
     if agents < 1:
         raise ValueError("agents: must be >= 1")
     out: list[RequestRecord] = []
@@ -47,7 +48,7 @@ def replay_agents(url: str, convs: Sequence[Conversation], agents: int, max_new:
 
     def agent(a: int) -> None:
         aid = f"{agent_prefix}-{a}"
-        for t in range(a, len(convs), agents):
+        for p, t in [(p, t) for p in range(repeat) for t in range(a, len(convs), agents)]:
             conv = convs[t]
             headers = open_session(url, aid) if sessions else {"x-agent-id": aid}
             try:
@@ -55,7 +56,7 @@ def replay_agents(url: str, convs: Sequence[Conversation], agents: int, max_new:
                     ids = conv.prompt(k, [])
                     rec = sender(url, ids, max_new, headers=headers,
                                  labels={**(labels or {}), "agent": aid, "trace": conv.trace.id, "turn": k,
-                                         "prompt_len": len(ids)})
+                                         "pass": p, "prompt_len": len(ids)})
                     with lock:
                         out.append(rec)
                     if think_s > 0 and k + 1 < conv.turns:
@@ -126,16 +127,25 @@ def accepted_by_source(before: dict, after: dict) -> dict[str, float]:
 def run_row(system: str, agents: int, records: list[RequestRecord], wall: float, by_source: dict[str, float]) -> dict[str, Any]:
     s = metrics.summary(records)
     acc = sum(by_source.values())
+    passes = sorted({r.labels.get("pass", 0) for r in records})
+    per_pass = [{"pass": p, **{k: v for k, v in metrics.summary([r for r in records if r.labels.get("pass", 0) == p]).items()
+                               if k in ("n", "tau", "e2e_mean", "ttft_mean", "tokens")}} for p in passes]
     return {"system": system, "agents": agents, "turns": s["n"], "refused": s["refused"], "wall_s": wall,
             "total_tps": s["tokens"] / wall if wall > 0 else None, "turns_per_min": 60.0 * s["n"] / wall if wall > 0 else None,
             "ttft_mean": s["ttft_mean"], "ttft_p95": s["ttft_p95"], "e2e_mean": s["e2e_mean"], "e2e_p95": s["e2e_p95"],
             "user_tps": s["user_tps"], "tau": s["tau"], "copy_share_meta": s["copy_share"],
             "accepted_by_source": by_source,
-            "copy_share": {k: v / acc for k, v in by_source.items()} if acc else None}
+            "copy_share": {k: v / acc for k, v in by_source.items()} if acc else None,
+            "passes": per_pass}
+
+
+def agent_safe(system: str) -> str:
+    """A system name as an agent id (those allow letters, digits and _.- only)."""
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in system)
 
 
 def bench_system(name: str, base: Any, convs: list[Conversation], levels: list[int], max_new: int, think_s: float,
-                 log_dir: Path) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
+                 log_dir: Path, repeat: int = 1) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
     from agentserve.bench.prom import scrape
     from agentserve.server.procs import ServerProcess
 
@@ -148,13 +158,14 @@ def bench_system(name: str, base: Any, convs: list[Conversation], levels: list[i
             before = scrape(srv.url)
             with MemorySampler(srv.url, srv.proc.pid) as mem:
                 level, wall = replay_agents(srv.url, convs, n, max_new, think_s, labels={"system": name, "agents": n},
-                                            agent_prefix=f"{name}-a{n}")
+                                            agent_prefix=f"{agent_safe(name)}-a{n}", repeat=repeat)
             rows.append(run_row(name, n, level, wall, accepted_by_source(before, scrape(srv.url))))
             rows[-1]["memory"] = mem.samples
             recs += level
             r = rows[-1]
             print(f"  {name:7s} agents={n}: {r['turns']} turns, {r['turns_per_min']:.1f} turns/min, total tok/s "
-                  f"{r['total_tps'] or 0:.2f}, tau {r['tau']:.2f}, copy share {r['copy_share']}", file=sys.stderr)
+                  f"{r['total_tps'] or 0:.2f}, tau {r['tau']:.2f} (per pass "
+                  f"{', '.join(format(p['tau'], '.2f') for p in r['passes'])}), copy share {r['copy_share']}", file=sys.stderr)
     return rows, recs
 
 
@@ -180,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--systems", default="plain,ngram,hybrid", help=f"comma-separated, of {','.join(SYSTEMS)}")
     ap.add_argument("--max-new", type=positive_int, default=64, help="max new tokens per turn")
     ap.add_argument("--think-s", type=non_negative_float, default=0.0, help="agent think time between turns (s)")
+    ap.add_argument("--repeat", type=positive_int, default=1, help="passes: each agent repeats its traces this many "
+                    "times, in new sessions (τ per pass shows what cross-session indexing adds)")
+    ap.add_argument("--no-identity", action="store_true", help="skip the greedy identity check against plain")
     ap.add_argument("--context", type=positive_int, default=8192, help="a conversation ends before the first turn whose "
                     "prompt + max-new exceeds this")
     ap.add_argument("--max-tool-tokens", type=positive_int, default=512, help="each tool response is cut to this many tokens")
@@ -214,13 +228,38 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     recs: list[RequestRecord] = []
     for s in systems:
-        r, rr = bench_system(s, base, convs, levels, a.max_new, a.think_s, out)
+        r, rr = bench_system(s, base, convs, levels, a.max_new, a.think_s, out, a.repeat)
         rows += r
         recs += rr
     print(table(rows))
-    (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows,
+    ident = None if a.no_identity else check_identity(base, systems, convs, recs, out)
+    for line in identity.lines(ident) if ident else []:
+        print(line)
+    (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows, "identity": ident,
                                                  "turns": [r.to_json() for r in recs]}, indent=1, default=str))
     return 0
+
+
+def check_identity(base: Any, systems: list[str], convs: list[Conversation], recs: list[RequestRecord],
+                   log_dir: Path) -> Optional[dict[str, Any]]:
+    """Every turn's greedy answer against plain's (identity.py); divergences are scored on a
+    fresh plain server. None when plain did not run."""
+    from agentserve.audit import BOUNDS
+    from agentserve.server.procs import ServerProcess
+
+    plain = next((s for s in systems if identity.is_plain(s)), None)
+    if plain is None:
+        return None
+    counts, diffs = identity.compare(recs)
+    prof = system_profile(base, plain)
+    bound = BOUNDS.get(prof.model.dtype, BOUNDS["bfloat16"])
+    if diffs:
+        by_trace = {c.trace.id: c for c in convs}
+        plain_out = {identity.turn_key(r): r.output_ids or [] for r in recs if r.labels.get("system") == plain}
+        with ServerProcess(prof, log_path=log_dir / "agents-identity-plain.log") as srv:
+            identity.score_all(srv.url, diffs, lambda t, k: by_trace[t].prompt(k, []),
+                               lambda d: plain_out[(d.agents, d.trace, d.turn, d.pass_)], bound)
+    return identity.report(counts, diffs, bound)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class RequestRecord:
     verify_ct: int | None = None  # verify steps (None without speculation)
     copy_share: float | None = None  # share of accepted drafts that were copied, where the server reports it
     reason: str | None = None  # why the server refused it
+    output_ids: list[int] | None = None  # the answer's token ids (greedy identity checks)
+    stop_token: int | None = None  # the stop token that ended it, when one did (not among output_ids)
     rid: str | None = None
     labels: dict[str, Any] = field(default_factory=dict)  # system, domain, concurrency, tier, ...
     extra: dict[str, Any] = field(default_factory=dict)  # a bench's own annotations (prefill stalls, ...)
@@ -62,6 +64,7 @@ def send(url: str, ids: list[int], max_new: int, temperature: float = 0.0, heade
     t_send = time.perf_counter()
     t_first: float | None = None
     meta: dict[str, Any] = {}
+    out_ids: list[int] = []
     with requests.post(url + "/generate", json=body, headers=headers or {}, stream=True, timeout=timeout) as r:
         if r.status_code in REFUSED:
             return RequestRecord(t_send, None, time.perf_counter(), 0, status=r.status_code, reason=_reason(r), rid=rid,
@@ -77,13 +80,24 @@ def send(url: str, ids: list[int], max_new: int, temperature: float = 0.0, heade
             if "error" in chunk:  # SGLang reports a failure inside the stream
                 raise RuntimeError(f"/generate failed mid-stream: {chunk['error']}")
             meta = chunk.get("meta_info") or meta
+            ids_now = chunk.get("output_ids")
+            if isinstance(ids_now, list):  # cumulative (SGLang's default) or, incremental, a delta
+                n = int(meta.get("completion_tokens") or 0)
+                out_ids = list(ids_now) if len(ids_now) == n else out_ids + list(ids_now)
             if t_first is None and int(meta.get("completion_tokens") or 0) >= 1:
                 t_first = time.perf_counter()
     t_end = time.perf_counter()
     return RequestRecord(t_send, t_first, t_end, int(meta.get("completion_tokens") or 0),
                          prompt_tokens=int(meta.get("prompt_tokens") or 0), cached_tokens=int(meta.get("cached_tokens") or 0),
                          accept_length=_num(meta.get("spec_accept_length")), verify_ct=_int(meta.get("spec_verify_ct")),
-                         copy_share=_num(meta.get("copy_share")), rid=rid, labels=dict(labels or {}))
+                         copy_share=_num(meta.get("copy_share")), rid=rid, labels=dict(labels or {}),
+                         output_ids=out_ids, stop_token=_stop_token(meta))
+
+
+def _stop_token(meta: dict[str, Any]) -> int | None:
+    fin = meta.get("finish_reason") or {}
+    m = fin.get("matched") if isinstance(fin, dict) and fin.get("type") == "stop" else None
+    return m if isinstance(m, int) and not isinstance(m, bool) else None
 
 
 def _reason(r: requests.Response) -> str:

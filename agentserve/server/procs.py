@@ -7,10 +7,12 @@ whatever of the tree is left.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import requests
 
 from agentserve.server.launcher import build_plan, check_ready
 from agentserve.profile import Profile, ProfileError
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -71,25 +75,58 @@ class ServerProcess:
         tail = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()[-lines:]
         return "\n--- last lines of the log ---\n" + "\n".join(tail)
 
-    def start(self, timeout: float = 600.0) -> ServerProcess:
+    def start(self, timeout: float = 600.0, attempts: int = 3) -> ServerProcess:
+        """Start and wait for /health. SGLang's own processes take ports of their own after we
+        picked ours, so now and then one of them holds it first and the HTTP server cannot bind
+        (uvicorn logs it and the process lives on, never healthy): then start again on a new
+        port rather than wait out the timeout."""
+        for _ in range(attempts):
+            if self._start_once(timeout):
+                return self
+            taken, self.port = self.port, free_port()
+            log.warning("port %d was taken before SGLang's HTTP server could bind it; starting again on %d",
+                        taken, self.port)
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.plan = build_plan(self.profile, port=self.port)
+        raise RuntimeError(f"SGLang's HTTP server found its port taken {attempts} times; log: {self.log_path}")
+
+    def _start_once(self, timeout: float) -> bool:
+        """True when healthy; False when the HTTP port was taken (stopped, to be retried)."""
         env = {**os.environ, **self.plan.env, **self._extra_env}
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        if self.log_path is None:  # the bind check reads the log
+            self.log_path = Path(tempfile.mkstemp(prefix="agentserve-server-", suffix=".log")[1])
+        out = open(self.log_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.plan.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 kill_tree(self.proc.pid)  # SGLang's own children, if any outlived it
+                if self._port_taken():
+                    self.proc = None
+                    return False
                 raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up; log: {self.log_path}"
                                    f"{self._log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     self.start_seconds = time.monotonic() - t0
-                    return self
+                    return True
             except requests.RequestException:
                 pass
+            if self._port_taken():
+                self.stop(graceful_s=5.0)
+                return False
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"SGLang server not healthy after {timeout:.0f}s; log: {self.log_path}")
+
+    def _port_taken(self) -> bool:
+        assert self.log_path is not None
+        try:
+            text = self.log_path.read_bytes()
+        except OSError:
+            return False
+        # uvicorn: "error while attempting to bind on address ('127.0.0.1', PORT): address already in use"
+        return b"error while attempting to bind on address" in text and f"', {self.port})".encode() in text
 
     def peak_rss_bytes(self) -> int:
         """Resident memory of the server and its children now (a lower bound on the peak)."""

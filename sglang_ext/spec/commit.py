@@ -83,6 +83,7 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
                           else min(w.gate.expected(rids[i]), float(lens[i])) if i in prop.model_rows else 0.0
                           for i in range(bs)]
         stats.rids, stats.t = rids, time.time()
+        stats.proposed = prop.max_len.tolist() if prop.max_len is not None else [0] * bs
     w.last = stats
     worker_metrics.observe_step(stats)
     worker_metrics.index_memory(w.index)

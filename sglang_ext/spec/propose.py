@@ -149,15 +149,21 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
     gated = w.scheduler_mode != "verify_all"  # the verify-all baseline drafts everything
     model_rows: list[int] = []
     probing = False
-    if w.drafter is not None and w.block > 0:
-        t_token, t_extra = planning.draft_costs(w, bs, inp.kv)
-        for i in range(bs):
-            if i in copy_rows:
-                continue
-            d = w.gate.decide(rids[i], t_token, t_extra) if gated else "draft"
-            if d != "skip":
-                model_rows.append(i)
-                probing |= d == "probe"
+    has_drafter = w.drafter is not None and w.block > 0
+    t_token, t_extra = planning.draft_costs(w, bs, inp.kv) if has_drafter else (0.0, 0.0)
+    for i in range(bs):
+        if i in copy_rows:
+            continue
+        d = (w.gate.decide(rids[i], t_token, t_extra) if gated else "draft") if has_drafter else "skip"
+        if d != "skip":
+            model_rows.append(i)
+            probing |= d == "probe"
+        elif decisions[i] is not None and decisions[i].tokens:
+            # the chooser preferred the model but the model will not draft (the gate priced it
+            # out, or there is no drafter): the copy it passed over is the best draft this row
+            # has, and it is known before the step like any copy
+            decisions[i].source = "copy"
+            copy_rows.append(i)
     best_w, copy_lens = (planning.best_width(w, decisions, copy_rows, model_rows, rids, bs, inp.kv)
                          if gated and (copy_rows or model_rows) else (0, {}))
     if gated and best_w <= 1 and not probing:

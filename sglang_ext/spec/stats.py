@@ -46,6 +46,7 @@ class StepStats:
     prefill_s: float = 0.0
     waited: list[bool] = field(default_factory=list)  # per request: was in the previous decode step
     rids: list[str] = field(default_factory=list)  # trace only
+    proposed: list[int] = field(default_factory=list)  # trace only: drafts proposed per request (l_r <= this)
     t: float = 0.0  # wall-clock end of the step (trace only)
 _m: dict[str, Any] | None = None
 _trace_path = os.environ.get("AGENTSERVE_STEP_TRACE") or None

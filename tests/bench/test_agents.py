@@ -87,3 +87,78 @@ def test_run_numbers_and_copy_share_by_source() -> None:
 def test_agents_must_be_positive() -> None:
     with pytest.raises(ValueError, match="agents"):
         replay_agents("http://unused", [], 0, 8)
+
+
+def test_repeat_runs_each_agents_traces_again_in_order() -> None:
+    convs = [_Conv(i, turns=2) for i in range(3)]
+    rec = _Recorder(0.0)
+    out, _ = replay_agents("http://unused", convs, 2, 8, sender=rec, sessions=False, repeat=2)  # type: ignore[arg-type]
+    assert len(out) == 12
+    mine = [(r.labels["trace"], r.labels["turn"], r.labels["pass"]) for r in out if r.labels["agent"] == "agent-0"]
+    assert mine == [("t0", 0, 0), ("t0", 1, 0), ("t2", 0, 0), ("t2", 1, 0),
+                    ("t0", 0, 1), ("t0", 1, 1), ("t2", 0, 1), ("t2", 1, 1)]
+    row = run_row("hybrid", 2, out, 1.0, {})
+    assert [p["pass"] for p in row["passes"]] == [0, 1] and all(p["n"] == 6 for p in row["passes"])
+
+
+def _rec(system: str, trace: str, turn: int, ids: list[int], stop: int | None = None, p: int = 0) -> RequestRecord:
+    return RequestRecord(0.0, 0.1, 1.0, len(ids), labels={"system": system, "agents": 1, "trace": trace, "turn": turn,
+                                                        "pass": p}, output_ids=ids, stop_token=stop)
+
+
+def test_identity_counts_divergences_against_plain_only() -> None:
+    from agentserve.bench import identity
+
+    recs = [_rec("plain", "a", 0, [1, 2, 3]), _rec("hybrid", "a", 0, [1, 2, 3]),
+            _rec("plain", "a", 1, [1, 2, 3]), _rec("hybrid", "a", 1, [1, 9, 3]),
+            # one stopped (stop token 0) where the other went on: a divergence at position 2
+            _rec("plain", "b", 0, [5, 6], stop=0), _rec("hybrid", "b", 0, [5, 6, 7]),
+            # max_new reached by one only: nothing to compare there
+            _rec("plain", "b", 1, [5, 6]), _rec("hybrid", "b", 1, [5, 6, 7]),
+            # the other pass of the same turn is its own comparison
+            _rec("plain", "a", 0, [4], p=1), _rec("hybrid", "a", 0, [4], p=1),
+            _rec("hybrid@drafter.shared_index=off", "a", 0, [1, 2, 4])]
+    counts, diffs = identity.compare(recs)
+    assert counts == {"hybrid": {"compared": 5, "identical": 3}, "hybrid@drafter.shared_index=off": {"compared": 1, "identical": 0}}
+    got = sorted((d.system, d.trace, d.turn, d.position, d.plain_token, d.other_token) for d in diffs)
+    assert got == [("hybrid", "a", 1, 1, 2, 9), ("hybrid", "b", 0, 2, 0, 7), ("hybrid@drafter.shared_index=off", "a", 0, 2, 3, 4)]
+    diffs[0].pair_gap, diffs[0].flagged = 0.5, True
+    rep = identity.report(counts, diffs, 0.25)
+    assert rep["systems"]["hybrid"] == {"compared": 5, "identical": 3, "diverged": 2, "scored": 1, "flagged": 1, "max_gap": 0.5}
+    assert "hybrid 3/5 turns identical; 2 diverged, 1 scored on plain, 1 above 0.25 nats" in identity.lines(rep)[0]
+
+
+def test_send_records_the_answer_ids_and_stop_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from agentserve.bench import client
+
+    chunks = [{"output_ids": [7], "meta_info": {"completion_tokens": 1}},
+              {"output_ids": [7, 8], "meta_info": {"completion_tokens": 2}},
+              {"output_ids": [7, 8, 9], "meta_info": {"completion_tokens": 3,
+                                                      "finish_reason": {"type": "stop", "matched": 2}}}]
+
+    class _Resp:
+        status_code = 200
+
+        def __enter__(self) -> "_Resp":
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            pass
+
+        def raise_for_status(self) -> None:
+            pass
+
+        def iter_lines(self, chunk_size: Any = None) -> Any:
+            for c in chunks:
+                yield b"data: " + json.dumps(c).encode()
+            yield b"data: [DONE]"
+
+    monkeypatch.setattr(client.requests, "post", lambda *a, **k: _Resp())
+    r = client.send("http://unused", [1, 2], 8)
+    assert r.output_ids == [7, 8, 9] and r.stop_token == 2 and r.tokens == 3
+    chunks[:] = [{"output_ids": [7], "meta_info": {"completion_tokens": 1}},  # incremental streaming: deltas
+                 {"output_ids": [8, 9], "meta_info": {"completion_tokens": 3, "finish_reason": {"type": "length"}}}]
+    r = client.send("http://unused", [1, 2], 8)
+    assert r.output_ids == [7, 8, 9] and r.stop_token is None

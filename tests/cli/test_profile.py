@@ -128,3 +128,13 @@ def test_cli_check_reports_without_traceback(tmp_path: Path, capsys: pytest.Capt
 def test_cli_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["profile", "check", str(REPO / "profiles" / "cpu-demo.yaml")]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_unquoted_off_means_off_in_a_profile_and_in_a_bench_override() -> None:
+    from agentserve.bench.systems import system_profile
+
+    data = yaml.safe_load("drafter: {algorithm: agent_ngram, shared_index: off}")  # YAML 1.1: off -> False
+    assert data["drafter"]["shared_index"] is False
+    assert parse_profile({**GOOD, **data}).drafter.shared_index == "off"
+    assert system_profile(parse_profile(GOOD), "hybrid@drafter.shared_index=off").drafter.shared_index == "off"
+    assert any("shared_index" in p for p in problems({**GOOD, "drafter": {"shared_index": True}}))

@@ -241,3 +241,23 @@ def test_read_only_cache_and_full_trace_keep_serving(launched, read_only_dir: Pa
     assert "step trace to /dev/full disabled" in log
     assert "crashed" not in log
     assert_all_gone(tree)
+
+
+def test_a_server_whose_port_is_taken_starts_again_on_a_free_one() -> None:
+    """SGLang's own processes take ports after ours was picked; when one holds the HTTP port the
+    server never becomes healthy. ServerProcess sees uvicorn's bind error and moves on."""
+    import socket
+
+    from agentserve.profile import load_profile
+    from agentserve.server.procs import ServerProcess
+
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        t0 = time.monotonic()
+        with ServerProcess(load_profile(PROFILES / "plain-fp32.yaml"), port=taken, log_path=LOGS / "port-taken.log") as srv:
+            assert srv.port != taken and srv.url.endswith(f":{srv.port}")
+            assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+            assert time.monotonic() - t0 < 600  # not the 600 s health timeout

@@ -1,0 +1,71 @@
+"""propose(): which rows draft what, decided before the step (spec/propose.py). The worker's
+phases around it are exercised in the server tests; here the choice itself, with the copy
+decisions, the draft gate and the cost check standing in for the worker's parts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from sglang_ext.copy.chooser import HybridDecision
+from sglang_ext.spec import propose as P
+from sglang_ext.spec.stats import StepStats
+
+
+class _Gate:
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def decide(self, rid: str, t_token: float, t_extra: float) -> str:
+        return self.answer
+
+
+def _setup(monkeypatch: pytest.MonkeyPatch, decisions: list[Any], gate: str, drafter: bool = True) -> tuple[Any, Any]:
+    monkeypatch.setattr(P, "copy_decisions", lambda w, batch, greedy: decisions)
+    monkeypatch.setattr(P.planning, "draft_costs", lambda w, bs, kv=0.0: (0.01, 0.001))
+    seen: dict[str, Any] = {}
+
+    def best_width(w: Any, decs: Any, copy_rows: list[int], model_rows: list[int], rids: Any, bs: int, kv: float = 0.0):
+        seen["copy_rows"], seen["model_rows"] = list(copy_rows), list(model_rows)
+        return 4, {i: 2 for i in copy_rows}
+
+    monkeypatch.setattr(P.planning, "best_width", best_width)
+
+    def model_drafts(w: Any, inp: Any, prop: Any) -> None:
+        for i in prop.model_rows:
+            prop.max_len[i] = w.copy_block
+
+    monkeypatch.setattr(P, "_model_drafts", model_drafts)
+    w = SimpleNamespace(drafter=object() if drafter else None, block=4, copy_block=4, scheduler_mode="confidence",
+                        gate=_Gate(gate), device="cpu")
+    n = len(decisions)
+    inp = SimpleNamespace(bs=n, rids=[f"r{i}" for i in range(n)], batch=None, kv=0.0, sampler_rows=[],
+                          sampling=SimpleNamespace(is_greedy=torch.ones(n, dtype=torch.bool)))
+    return w, inp, seen
+
+
+def _model_pick(tokens: list[int]) -> HybridDecision:
+    """The chooser preferred the model over this copy (expected model > expected copy)."""
+    return HybridDecision("model", 0.5, 2.0, tokens=tokens, confidences=[0.6] * len(tokens))
+
+
+@pytest.mark.parametrize("drafter", [True, False])
+def test_a_row_the_model_will_not_draft_takes_the_copy_it_passed_over(monkeypatch: pytest.MonkeyPatch, drafter: bool) -> None:
+    decisions = [_model_pick([5, 6]), HybridDecision("model", 0.0, 2.0), None,
+                 HybridDecision("copy", 3.0, 1.0, tokens=[7, 8, 9], confidences=[0.9] * 3)]
+    w, inp, seen = _setup(monkeypatch, decisions, gate="skip", drafter=drafter)
+    prop = P.propose(w, inp, StepStats(batch_size=4))  # type: ignore[arg-type]
+    assert seen == {"copy_rows": [3, 0], "model_rows": []}
+    assert prop.copy_rows == [3, 0] and decisions[0].use_copy and not decisions[1].use_copy
+    assert prop.drafts is not None and prop.drafts[0, :2].tolist() == [5, 6] and prop.max_len.tolist() == [2, 0, 0, 3]
+
+
+def test_a_row_the_model_drafts_keeps_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    decisions = [_model_pick([5, 6]), None]
+    w, inp, seen = _setup(monkeypatch, decisions, gate="draft")
+    prop = P.propose(w, inp, StepStats(batch_size=2))  # type: ignore[arg-type]
+    assert seen == {"copy_rows": [], "model_rows": [0, 1]} and not decisions[0].use_copy
+    assert prop.model_rows == [0, 1] and prop.max_len.tolist() == [4, 4]
