@@ -232,11 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         recs += rr
     print(table(rows))
+
+    def write(ident: Optional[dict[str, Any]]) -> None:
+        (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows, "identity": ident,
+                                                     "turns": [r.to_json() for r in recs]}, indent=1, default=str))
+
+    write(None)  # the runs are kept even if the identity check fails
     ident = None if a.no_identity else check_identity(base, systems, convs, recs, out)
     for line in identity.lines(ident) if ident else []:
         print(line)
-    (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows, "identity": ident,
-                                                 "turns": [r.to_json() for r in recs]}, indent=1, default=str))
+    write(ident)
     return 0
 
 
@@ -259,7 +264,7 @@ def check_identity(base: Any, systems: list[str], convs: list[Conversation], rec
         with ServerProcess(prof, log_path=log_dir / "agents-identity-plain.log") as srv:
             identity.score_all(srv.url, diffs, lambda t, k: by_trace[t].prompt(k, []),
                                lambda d: plain_out[(d.agents, d.trace, d.turn, d.pass_)], bound)
-    return identity.report(counts, diffs, bound)
+    return identity.report(counts, diffs, bound, identity.control(recs))
 
 
 if __name__ == "__main__":

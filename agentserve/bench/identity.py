@@ -76,6 +76,27 @@ def compare(records: Sequence[RequestRecord]) -> tuple[dict[str, dict[str, int]]
     return counts, diffs
 
 
+def control(records: Sequence[RequestRecord]) -> dict[str, dict[str, int]]:
+    """Plain against itself: its answers at each other agent count against those at the lowest,
+    same (trace, turn, pass). In bf16 the batch a row decodes in changes its rounding, so
+    this is the rate of divergence no lossless method can go below."""
+    plain = [r for r in records if is_plain(r.labels.get("system", "")) and r.ok and r.output_ids is not None]
+    levels = sorted({r.labels.get("agents") for r in plain})
+    if len(levels) < 2:
+        return {}
+    ref = {turn_key(r)[1:]: r for r in plain if r.labels.get("agents") == levels[0]}
+    out: dict[str, dict[str, int]] = {}
+    for r in plain:
+        b = ref.get(turn_key(r)[1:])
+        if r.labels.get("agents") == levels[0] or b is None:
+            continue
+        c = out.setdefault(f"plain@{r.labels.get('agents')} vs plain@{levels[0]}", {"compared": 0, "identical": 0})
+        c["compared"] += 1
+        i = first_difference(b.output_ids or [], r.output_ids or [])
+        c["identical"] += i is None or _token_at(b, i) is None or _token_at(r, i) is None
+    return out
+
+
 def score_all(url: str, diffs: Sequence[TurnDiff], prompt_of: Callable[[str, int], list[int]],
               plain_answer: Callable[[TurnDiff], list[int]], bound: float) -> None:
     """Fill each divergence's gaps from the plain server at `url` (teacher forcing)."""
@@ -86,8 +107,10 @@ def score_all(url: str, diffs: Sequence[TurnDiff], prompt_of: Callable[[str, int
         d.flagged = abs(d.pair_gap) > bound
 
 
-def report(counts: dict[str, dict[str, int]], diffs: Sequence[TurnDiff], bound: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"bound_nats": bound, "systems": {}, "divergences": [asdict(d) for d in diffs]}
+def report(counts: dict[str, dict[str, int]], diffs: Sequence[TurnDiff], bound: float,
+           plain_control: Optional[dict[str, dict[str, int]]] = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"bound_nats": bound, "systems": {}, "divergences": [asdict(d) for d in diffs],
+                           "plain_control": plain_control or {}}
     for sysname, c in counts.items():
         mine = [d for d in diffs if d.system == sysname]
         gaps = [abs(d.pair_gap) for d in mine if d.pair_gap is not None]
@@ -105,4 +128,6 @@ def lines(rep: dict[str, Any]) -> list[str]:
             tail = (f"; {s['diverged']} diverged, {s['scored']} scored on plain, {s['flagged']} above "
                     f"{rep['bound_nats']:g} nats" + (f" (max gap {s['max_gap']:.3f})" if s["max_gap"] is not None else ""))
         out.append(f"greedy identity vs plain: {sysname} {s['identical']}/{s['compared']} turns identical{tail}")
+    for name, c in (rep.get("plain_control") or {}).items():
+        out.append(f"control, plain against itself at another batch: {name} {c['identical']}/{c['compared']} turns identical")
     return out

@@ -162,3 +162,20 @@ def test_send_records_the_answer_ids_and_stop_token(monkeypatch: pytest.MonkeyPa
                  {"output_ids": [8, 9], "meta_info": {"completion_tokens": 3, "finish_reason": {"type": "length"}}}]
     r = client.send("http://unused", [1, 2], 8)
     assert r.output_ids == [7, 8, 9] and r.stop_token is None
+
+
+def test_identity_control_compares_plain_with_itself_across_agent_counts() -> None:
+    from agentserve.bench import identity
+
+    def rec(agents: int, turn: int, ids: list[int], system: str = "plain") -> RequestRecord:
+        return RequestRecord(0.0, 0.1, 1.0, len(ids), labels={"system": system, "agents": agents, "trace": "a",
+                                                            "turn": turn}, output_ids=ids)
+
+    recs = [rec(1, 0, [1, 2]), rec(1, 1, [3, 4]), rec(4, 0, [1, 2]), rec(4, 1, [3, 5]), rec(8, 0, [1, 9]),
+            rec(4, 0, [7], system="hybrid")]
+    assert identity.control(recs) == {"plain@4 vs plain@1": {"compared": 2, "identical": 1},
+                                      "plain@8 vs plain@1": {"compared": 1, "identical": 0}}
+    rep = identity.report({}, [], 0.25, identity.control(recs))
+    assert identity.lines(rep) == ["control, plain against itself at another batch: plain@4 vs plain@1 1/2 turns identical",
+                                   "control, plain against itself at another batch: plain@8 vs plain@1 0/1 turns identical"]
+    assert identity.control(recs[:2]) == {}
