@@ -19,10 +19,10 @@ pytestmark = pytest.mark.server
 def test_steady_load_stops_sending_at_the_deadline(plain_server) -> None:
     prompts = [[100 + k, 2000 + 7 * k, 3000 + k, 400, 500 + k] for k in range(60)]  # distinct: no cache hits
     # the deadline must allow a few requests per client at this machine's current speed (a
-    # shared, loaded CPU can take seconds per 4-token request): 3 back to back at twice a lone
-    # request's time (two clients share the CPU), and at least 2.5 s
+    # shared, loaded CPU can take seconds per 4-token request): 5 back to back at twice a lone
+    # request's time (two clients share the CPU), and at least 4 s
     probe = send(plain_server.url, [99, 1999, 2999, 401, 499], 4)
-    duration = max(2.5, 3 * metrics.e2e_s(probe) * 2)
+    duration = max(4.0, 5 * metrics.e2e_s(probe) * 2)
     w0 = duration / 5
     res, wall = run_level(plain_server.url, 2, ["standard"], prompts, 30, 4, tag=f"steady{time.time_ns()}-",
                           duration=duration)
@@ -31,7 +31,9 @@ def test_steady_load_stops_sending_at_the_deadline(plain_server) -> None:
     # the streaming client saw each request's first token between sending it and its end
     assert all(r.t_send < r.t_first <= r.t_end and r.tokens >= 1 for r in res)
     per_client = [sum(1 for r in res if r.labels["client"] == k) for k in range(2)]
-    assert min(per_client) >= 2 and max(per_client) < 30, per_client  # the deadline ended it, not the cap
+    # closed loop: the clients went on sending until the deadline ended it, not the cap (one
+    # slow first prefill may leave a client at one request: the sum says the loop ran)
+    assert min(per_client) >= 1 and sum(per_client) >= 3 and max(per_client) < 30, per_client
     assert out_of_prompts(res, 2, 30, (w0, duration)) == []
     assert max(r.t_end for r in res) > duration  # the last ones drained after it
     tokens = sum(r.tokens for r in res)
