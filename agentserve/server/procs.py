@@ -66,6 +66,7 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else None
         self._extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._temp_log: Path | None = None
         self.start_seconds: float | None = None
 
     def _log_tail(self, lines: int = 25) -> str:
@@ -93,16 +94,18 @@ class ServerProcess:
     def _start_once(self, timeout: float) -> bool:
         """True when healthy; False when the HTTP port was taken (stopped, to be retried)."""
         env = {**os.environ, **self.plan.env, **self._extra_env}
-        if self.log_path is None:  # the bind check reads the log
-            self.log_path = Path(tempfile.mkstemp(prefix="agentserve-server-", suffix=".log")[1])
-        out = open(self.log_path, "wb")
+        if self.log_path is None:  # the bind check reads the log; removed again by stop()
+            fd, name = tempfile.mkstemp(prefix="agentserve-server-", suffix=".log")
+            os.close(fd)
+            self.log_path = self._temp_log = Path(name)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.plan.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with open(self.log_path, "wb") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.plan.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 kill_tree(self.proc.pid)  # SGLang's own children, if any outlived it
                 if self._port_taken():
-                    self.proc = None
+                    self.stop(graceful_s=0.0)
                     return False
                 raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up; log: {self.log_path}"
                                    f"{self._log_tail()}")
@@ -160,6 +163,9 @@ class ServerProcess:
                 kill_tree(p.pid, timeout=5.0)
         self.proc.wait()
         self.proc = None
+        if self._temp_log is not None:
+            self._temp_log.unlink(missing_ok=True)
+            self.log_path = self._temp_log = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()
