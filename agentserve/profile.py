@@ -89,6 +89,10 @@ class ServerSpec(_Strict):
     # (about 2x faster where the CPU has no native bf16; sglang_ext/cpu/attention.py),
     # "native" leaves SGLang's decode attention in the model's dtype
     cpu_attention: Literal["fp32", "native"] = "fp32"
+    # exact mode: every row computed as if alone (linears in fixed row tiles, attention in
+    # float64; sglang_ext/cpu/exact.py), so greedy output does not depend on the batch and the
+    # speculative server's equals plain's byte for byte in bf16; costs speed (docs/results.md)
+    deterministic: bool = False
     extra_args: list[str] = Field(default_factory=list, description="passed to SGLang verbatim, after ours")
 
 

@@ -2,7 +2,8 @@
 
 SGLang calls `load()` early in every server process (main, scheduler, detokenizer). It:
 1. teaches the torch_native attention backend the TARGET_VERIFY forward, and picks the faster
-   of bf16 and fp32 GEMM per weight shape and row count on CPUs (cpu_matmul.py);
+   of bf16 and fp32 GEMM per weight shape and row count on CPUs (cpu_matmul.py), or, in exact
+   mode (server.deterministic), makes every row's products independent of its batch (exact.py);
 2. honours per-request seeds on every device, identically with and without speculation
    (seeded_sampling.py);
 3. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
@@ -27,14 +28,22 @@ def load() -> None:
 
     from sglang_ext.cpu import attention as verify_attention
 
+    from sglang_ext.cpu import exact
+
     HookRegistry.register(verify_attention.TARGET, verify_attention.around_forward_extend, HookType.AROUND)
     verify_attention.FP32_ON_CPU = verify_attention.decode_mode_from_profile() == "fp32"
-    if verify_attention.FP32_ON_CPU:  # half-precision decode attention on a CPU in fp32
+    verify_attention.EXACT = exact_mode = exact.enabled_from_profile()
+    if verify_attention.FP32_ON_CPU or exact_mode:  # CPU decode attention in fp32 (float64 when exact)
         HookRegistry.register(verify_attention.DECODE_TARGET, verify_attention.around_decode_sdpa, HookType.AROUND)
 
     from sglang_ext.cpu import matmul as cpu_matmul
 
-    if cpu_matmul.mode_from_profile() != "native":  # measured bf16/fp32 GEMM choice (acts on CPU bf16 only)
+    if exact_mode:  # server.deterministic: row-invariant products instead of the measured choice
+        HookRegistry.register(exact.EXTEND_TARGET, exact.around_extend_sdpa, HookType.AROUND)
+        HookRegistry.register(cpu_matmul.LINEAR_TARGET, exact.around_linear, HookType.AROUND)
+        HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, exact.around_lm_head, HookType.AROUND)
+        HookRegistry.register(cpu_matmul.LOAD_TARGET, exact.after_load_model, HookType.AFTER)
+    elif cpu_matmul.mode_from_profile() != "native":  # measured bf16/fp32 GEMM choice (acts on CPU bf16 only)
         HookRegistry.register(cpu_matmul.LINEAR_TARGET, cpu_matmul.around_linear, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LM_HEAD_TARGET, cpu_matmul.around_lm_head, HookType.AROUND)
         HookRegistry.register(cpu_matmul.LOAD_TARGET, cpu_matmul.after_load_model, HookType.AFTER)

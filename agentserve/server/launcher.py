@@ -75,6 +75,10 @@ def build_plan(profile: Profile, port: int | None = None) -> LaunchPlan:
     flags: list[str] = ["--enable-cache-report"]
     if s.enable_metrics:
         flags.append("--enable-metrics")
+    if s.deterministic and s.device != "cpu":
+        # on a CPU the plugin makes products row-invariant (sglang_ext/cpu/exact.py); on a GPU
+        # SGLang's own batch-invariant kernels do it
+        flags.append("--enable-deterministic-inference")
     if d.algorithm != "none":
         args["--speculative-algorithm"] = _ALGO_NAME[d.algorithm]
         args["--speculative-num-draft-tokens"] = str(d.num_draft_tokens)

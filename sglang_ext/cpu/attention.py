@@ -49,12 +49,16 @@ def decode_mode_from_profile() -> str:
 
 
 FP32_ON_CPU = True  # the plugin sets it from server.cpu_attention; verify and decode agree
+EXACT = False  # server.deterministic: attention in float64 everywhere (cpu/exact.py)
 log = logging.getLogger("agentserve.cpu_attention")
 _announced = False
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    """fp32 for half-precision queries on a CPU (see the module docstring), else q's own."""
+    """fp32 for half-precision queries on a CPU (see the module docstring), else q's own;
+    float64 for every CPU query in exact mode (cpu/exact.py)."""
+    if EXACT and q.device.type == "cpu":
+        return torch.float64
     return torch.float32 if FP32_ON_CPU and q.device.type == "cpu" and q.dtype in _HALF else q.dtype
 
 
@@ -172,17 +176,18 @@ def around_decode_sdpa(original: Callable[..., torch.Tensor], backend: Any, quer
                         encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
                         is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
     global _announced
+    cd = _compute_dtype(query)
     if not _announced:
         _announced = True
-        log.info("cpu_attention: %s decode attention runs in fp32 (server.cpu_attention: fp32)", query.dtype)
-    sdpa_ok = selfcheck.fp32_sdpa_ok()  # once per process, at first use
+        log.info("cpu_attention: %s decode attention runs in %s", query.dtype, cd)
+    sdpa_ok = cd == torch.float64 or selfcheck.fp32_sdpa_ok()  # once per process, at first use
     rows = req_pool_indices.tolist()
     lens = seq_lens.tolist()
     for i, (r, n) in enumerate(zip(rows, lens)):
         slots = req_to_token[r, :n]
-        kk = gather(k_cache, slots, torch.float32)  # [1, heads_kv, n, d]
-        vv = gather(v_cache, slots, torch.float32)
-        qq = query[i:i + 1].movedim(0, 1).unsqueeze(0).float()  # [1, heads_q, 1, d]
+        kk = gather(k_cache, slots, cd)  # [1, heads_kv, n, d]
+        vv = gather(v_cache, slots, cd)
+        qq = query[i:i + 1].movedim(0, 1).unsqueeze(0).to(cd)  # [1, heads_q, 1, d]
         if sdpa_ok:
             o = scaled_dot_product_attention(qq, kk, vv, scale=scaling, enable_gqa=enable_gqa, is_causal=causal)
         else:  # torch's fp32 SDPA failed its check on this CPU (selfcheck.py): explicit products

@@ -133,3 +133,14 @@ def test_drain_guard_refuses_new_work_only_while_draining() -> None:
     for method, path in (("GET", "/metrics"), ("GET", "/agentserve/v1/agents"), ("DELETE", "/agentserve/v1/sessions/s")):
         assert asyncio.run(call(method, path)) == []
     assert reached[1:] == ["/metrics", "/agentserve/v1/agents", "/agentserve/v1/sessions/s"]
+
+
+def test_exact_mode_is_ours_on_a_cpu_and_sglangs_on_a_gpu() -> None:
+    def plan(device: str) -> list[str]:
+        return build_plan(parse_profile({"name": "x", "model": {"path": "/m"},
+                                         "server": {"device": device, "deterministic": True}})).argv
+
+    assert "--enable-deterministic-inference" not in plan("cpu")  # the plugin's row-invariant products
+    assert "--enable-deterministic-inference" in plan("cuda")
+    with pytest.raises(Exception, match="deterministic"):
+        parse_profile({"name": "x", "model": {"path": "/m"}, "server": {"deterministic": "sometimes"}})
