@@ -252,17 +252,19 @@ def check_identity(base: Any, systems: list[str], convs: list[Conversation], rec
     from agentserve.audit import BOUNDS
     from agentserve.server.procs import ServerProcess
 
-    plain = next((s for s in systems if identity.is_plain(s)), None)
-    if plain is None:
+    plains = [s for s in systems if identity.is_plain(s)]
+    if not plains:
         return None
     counts, diffs = identity.compare(recs)
-    prof = system_profile(base, plain)
-    bound = BOUNDS.get(prof.model.dtype, BOUNDS["bfloat16"])
-    if diffs:
-        by_trace = {c.trace.id: c for c in convs}
-        plain_out = {identity.turn_key(r): r.output_ids or [] for r in recs if r.labels.get("system") == plain}
-        with ServerProcess(prof, log_path=log_dir / "agents-identity-plain.log") as srv:
-            identity.score_all(srv.url, diffs, lambda t, k: by_trace[t].prompt(k, []),
+    bound = BOUNDS.get(system_profile(base, plains[0]).model.dtype, BOUNDS["bfloat16"])
+    by_trace = {c.trace.id: c for c in convs}
+    for ref in plains:  # each divergence scored on a fresh server of the plain system it was compared with
+        mine = [d for d in diffs if identity.reference(d.system, plains) == ref]
+        if not mine:
+            continue
+        plain_out = {identity.turn_key(r): r.output_ids or [] for r in recs if r.labels.get("system") == ref}
+        with ServerProcess(system_profile(base, ref), log_path=log_dir / f"agents-identity-{agent_safe(ref)}.log") as srv:
+            identity.score_all(srv.url, mine, lambda t, k: by_trace[t].prompt(k, []),
                                lambda d: plain_out[(d.agents, d.trace, d.turn, d.pass_)], bound)
     return identity.report(counts, diffs, bound, identity.control(recs))
 

@@ -51,16 +51,28 @@ def is_plain(system: str) -> bool:
     return split_system(system)[0] == "plain"
 
 
+def reference(system: str, plains: Sequence[str]) -> Optional[str]:
+    """The plain system a system is compared with: the one run with the same server and model
+    overrides (hybrid@server.deterministic=true -> plain@server.deterministic=true), else bare
+    plain."""
+    want = {k: v for k, v in split_system(system)[1].items() if k.startswith(("server.", "model."))}
+    same = [p for p in plains if split_system(p)[1] == want]
+    return same[0] if same else ("plain" if "plain" in plains else None)
+
+
 def compare(records: Sequence[RequestRecord]) -> tuple[dict[str, dict[str, int]], list[TurnDiff]]:
-    """Per non-plain system: turns compared and identical; and every divergence (unscored).
-    An answer that stops at max_new where the other goes on is not a divergence."""
-    base = {turn_key(r): r for r in records if is_plain(r.labels.get("system", "")) and r.ok and r.output_ids is not None}
+    """Per non-plain system: turns compared and identical (against its `reference` plain
+    system); and every divergence (unscored). An answer that stops at max_new where the other
+    goes on is not a divergence."""
+    ok = [r for r in records if r.ok and r.output_ids is not None]
+    base = {(r.labels.get("system", ""),) + turn_key(r): r for r in ok if is_plain(r.labels.get("system", ""))}
+    plains = sorted({k[0] for k in base})
     counts: dict[str, dict[str, int]] = {}
     diffs: list[TurnDiff] = []
     for r in records:
         sysname = r.labels.get("system", "")
-        b = base.get(turn_key(r))
-        if is_plain(sysname) or b is None or not r.ok or r.output_ids is None:
+        b = None if is_plain(sysname) else base.get((reference(sysname, plains),) + turn_key(r))
+        if b is None or not r.ok or r.output_ids is None:
             continue
         c = counts.setdefault(sysname, {"compared": 0, "identical": 0})
         c["compared"] += 1
@@ -80,17 +92,25 @@ def control(records: Sequence[RequestRecord]) -> dict[str, dict[str, int]]:
     """Plain against itself: its answers at each other agent count against those at the lowest,
     same (trace, turn, pass). In bf16 the batch a row decodes in changes its rounding, so
     this is the rate of divergence no lossless method can go below."""
+    out: dict[str, dict[str, int]] = {}
     plain = [r for r in records if is_plain(r.labels.get("system", "")) and r.ok and r.output_ids is not None]
+    for name in sorted({r.labels.get("system", "") for r in plain}):
+        out.update(_control_of(name, [r for r in plain if r.labels.get("system") == name]))
+    return out
+
+
+def _control_of(name: str, plain: list[RequestRecord]) -> dict[str, dict[str, int]]:
     levels = sorted({r.labels.get("agents") for r in plain})
     if len(levels) < 2:
         return {}
     ref = {turn_key(r)[1:]: r for r in plain if r.labels.get("agents") == levels[0]}
+    tag = "" if name == "plain" else name[len("plain"):]  # plain@... keeps its overrides in the label
     out: dict[str, dict[str, int]] = {}
     for r in plain:
         b = ref.get(turn_key(r)[1:])
         if r.labels.get("agents") == levels[0] or b is None:
             continue
-        c = out.setdefault(f"plain@{r.labels.get('agents')} vs plain@{levels[0]}", {"compared": 0, "identical": 0})
+        c = out.setdefault(f"plain{tag}@{r.labels.get('agents')} vs plain{tag}@{levels[0]}", {"compared": 0, "identical": 0})
         c["compared"] += 1
         i = first_difference(b.output_ids or [], r.output_ids or [])
         c["identical"] += i is None or _token_at(b, i) is None or _token_at(r, i) is None

@@ -179,3 +179,18 @@ def test_identity_control_compares_plain_with_itself_across_agent_counts() -> No
     assert identity.lines(rep) == ["control, plain against itself at another batch: plain@4 vs plain@1 1/2 turns identical",
                                    "control, plain against itself at another batch: plain@8 vs plain@1 0/1 turns identical"]
     assert identity.control(recs[:2]) == {}
+
+
+def test_each_system_is_compared_with_the_plain_run_under_its_own_server_settings() -> None:
+    from agentserve.bench import identity
+
+    ex = "@server.deterministic=true"
+    recs = [_rec("plain", "a", 0, [1, 2]), _rec("plain" + ex, "a", 0, [1, 3]),
+            _rec("hybrid", "a", 0, [1, 2]), _rec("hybrid" + ex, "a", 0, [1, 3]),
+            _rec("hybrid@drafter.shared_index=off", "a", 0, [1, 2]), _rec("hybrid@drafter.shared_index=off" + ex, "a", 0, [1, 3])]
+    counts, diffs = identity.compare(recs)
+    assert not diffs and all(c == {"compared": 1, "identical": 1} for c in counts.values()) and len(counts) == 4
+    assert identity.reference("ngram" + ex, ["plain"]) == "plain"  # no plain with its settings: bare plain
+    ctl = identity.control(recs + [RequestRecord(0.0, 0.1, 1.0, 2, labels={"system": "plain" + ex, "agents": 4, "trace": "a",
+                                                                         "turn": 0, "pass": 0}, output_ids=[1, 3])])
+    assert ctl == {f"plain{ex}@4 vs plain{ex}@1": {"compared": 1, "identical": 1}}
