@@ -115,7 +115,7 @@ class Tier(_Strict):
     priority: int = Field(default=0, ge=0, description="0 is served first")
     max_concurrency: int | None = Field(default=None, gt=0)
     on_overload: Literal["queue", "reject"] = "queue"
-    queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait in the admission queue before a 503")
+    queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait in the admission queue before a 429")
     # Starve no one: while the tier has requests waiting and its share of the admissions of the
     # last window is below this, its next request starts whatever more important tiers need.
     # null: BEST_EFFORT_MIN_SHARE for a best-effort tier, 0 for a promised one.

@@ -304,7 +304,7 @@ def build(args: argparse.Namespace) -> int:
         from agentserve.server.procs import ServerProcess
 
         # the corpus is one batch job that keeps 8 requests in flight: the tier gate would turn
-        # some away as overload (503), so it is off for this server
+        # some away as overload (429), so it is off for this server
         prof = load_profile(args.profile).model_copy(update={"admission_control": False})
         log = Path(args.server_log or Path.home() / ".cache" / "agentserve" / f"corpus-server-{os.getpid()}.log")
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ promised one), rules (b) and (c) do not hold T back, so every tier finishes requ
 window however loaded the promised tiers are.
 
 Otherwise T's `on_overload` decides: "reject" answers 429 at once (Retry-After set); "queue"
-waits until the rules hold, at most `queue_timeout_s`, then answers 503. The queue is served
+waits until the rules hold, at most `queue_timeout_s`, then answers 429. Both refusals are 429
+(too many requests for this tier now, come back after Retry-After): a 5xx means the server
+failed or is going away (503 only while it drains, server/drain.py). The queue is served
 most important tier first and, within a tier, most urgent first (earliest arrival +
 target_ttft_s, else arrival + queue_timeout_s). A request that waited past its tier's
 target_ttft_s still runs, and counts as missed. Both errors name the tier and the reason.
@@ -249,7 +251,7 @@ class TierGate:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         t.counts["timed_out"] += 1
-                        raise Overloaded(503, tier, f"x-agent-tier: queued {t.tier.queue_timeout_s:g} s (tier '{tier}' "
+                        raise Overloaded(429, tier, f"x-agent-tier: queued {t.tier.queue_timeout_s:g} s (tier '{tier}' "
                                          f"queue_timeout_s) without capacity: {self.blocked_by(tier) or 'others first'}",
                                          retry_after=max(1, int(t.tier.queue_timeout_s)))
                     try:  # re-check on every release, and at least every 0.25 s (attainment ages out)

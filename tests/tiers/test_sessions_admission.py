@@ -86,10 +86,10 @@ def test_gate_protects_a_tier_below_its_target_and_queues_in_priority_order() ->
         await gate.admit("interactive")  # one interactive request running, attainment 0%
         assert "tier 'interactive' is below its promise (attainment 0%)" in gate.blocked_by("standard")
         assert gate.blocked_by("batch") is not None
-        # standard queues, then times out with 503 naming why
+        # standard queues, then times out with 429 naming why (a refusal, not a server error)
         with pytest.raises(Overloaded) as e:
             await gate.admit("standard")
-        assert e.value.status == 503 and "queue_timeout_s" in e.value.message
+        assert e.value.status == 429 and "queue_timeout_s" in e.value.message
         # a queued standard request starts once the interactive request has finished
         waiter = asyncio.create_task(gate.admit("standard"))
         await asyncio.sleep(0.05)
@@ -155,8 +155,8 @@ def test_a_tiers_own_overload_queues_its_new_requests_and_learns_back() -> None:
         assert st.limit == 6 and st.running == 7
         assert "as many as keep its promise" in gate.blocked_by("standard")
         with pytest.raises(Overloaded) as e:
-            await gate.admit("standard")  # queued, then 503 after queue_timeout_s
-        assert e.value.status == 503 and "learned limit 6.0" in e.value.message
+            await gate.admit("standard")  # queued, then 429 after queue_timeout_s
+        assert e.value.status == 429 and "learned limit 6.0" in e.value.message
         await gate.release("standard", 12.0)  # met with 7 running: +1/6
         assert st.limit == pytest.approx(6 + 1 / 6) and gate.blocked_by("standard") is None
         assert st.counts["held_by_own_load"] == 1 and st.counts["queued"] == 1 and st.counts["timed_out"] == 1
