@@ -17,6 +17,9 @@ gap is flagged: no rounding explains it, so a draft was accepted that the target
 
     agentserve audit --profile profiles/cpu-dspark.yaml --baseline profiles/cpu-demo.yaml --prompts 24
 
+With `--deterministic` both servers run in exact mode (server.deterministic, sglang_ext/cpu/exact.py),
+where answers must be identical: every divergence is flagged, whatever its gap.
+
 Exit status 1 when anything is flagged, 2 on a usage error.
 """
 
@@ -35,6 +38,7 @@ import requests
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "prompts"
 DOMAIN_FILES = {"chat": "mt-bench.jsonl", "math": "gsm8k.jsonl", "code": "humaneval.jsonl", "mbpp": "mbpp.jsonl"}
 BOUNDS = {"bfloat16": 0.25, "float16": 0.25, "float32": 0.02}
+EXACT_BOUND = -1.0  # exact mode: |gap| > -1 always, so every divergence is flagged
 
 
 @dataclass
@@ -169,7 +173,7 @@ def print_table(results: list[AuditResult]) -> None:
         med = "-" if s["median_pair_gap"] is None else f"{s['median_pair_gap']:.3f}"
         mx = "-" if s["max_pair_gap"] is None else f"{s['max_pair_gap']:.3f}"
         print(f"{r.dtype:9} {r.concurrency:>4} {r.prompts:>7} {r.identical:>5} {len(r.divergences):>8} "
-              f"{r.rate:>6.0%} {len(r.flagged):>7} {med:>10} {mx:>8}  {r.bound:g} nats")
+              f"{r.rate:>6.0%} {len(r.flagged):>7} {med:>10} {mx:>8}  {'exact' if r.bound < 0 else f'{r.bound:g} nats'}")
     for r in results:
         for d in r.flagged:
             print(f"FLAGGED {r.dtype} c={r.concurrency}: prompt {d.prompt} token {d.position}: plain {d.plain_token} "
@@ -187,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,4", help="comma-separated client counts (default 1,4)")
     ap.add_argument("--dtype", choices=sorted(BOUNDS), default=None, help="serve both in this dtype (default: the profile's)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="serve both in exact mode (server.deterministic): every divergence is flagged")
     ap.add_argument("--bound", type=float, default=None, help="nats; default 0.25 for bf16/fp16, 0.02 for fp32")
     ap.add_argument("--domains", default=",".join(DOMAIN_FILES), help=f"prompt sets (default {','.join(DOMAIN_FILES)})")
     ap.add_argument("--json", default=None, help="write every divergence and the summaries here")
@@ -206,8 +212,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     dtype = a.dtype or spec_p.model.dtype
     if dtype not in BOUNDS:
         ap.error(f"--dtype: the profile's model.dtype {dtype!r} has no stated bound; pass --dtype")
-    spec_p = spec_p.model_copy(update={"model": spec_p.model.model_copy(update={"dtype": dtype})})
-    plain_p = plain_p.model_copy(update={"model": plain_p.model.model_copy(update={"dtype": dtype})})
+    exact = {"deterministic": True} if a.deterministic else {}
+    spec_p, plain_p = (p.model_copy(update={"model": p.model.model_copy(update={"dtype": dtype}),
+                                            "server": p.server.model_copy(update=exact)}) for p in (spec_p, plain_p))
+    bound = EXACT_BOUND if a.deterministic else a.bound
     if Path(spec_p.model.path).resolve() != Path(plain_p.model.path).resolve():
         ap.error(f"--baseline: model.path {plain_p.model.path} differs from the profile's {spec_p.model.path}")
     if plain_p.drafter.algorithm != "none":
@@ -228,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plain.start(timeout=900)
         spec.start(timeout=900)
         for c in concs:
-            results.append(audit(spec.url, plain.url, prompts, dtype, c, a.max_new_tokens, a.bound))
+            results.append(audit(spec.url, plain.url, prompts, dtype, c, a.max_new_tokens, bound))
             print(json.dumps(results[-1].summary()), flush=True)
     finally:
         spec.stop()
