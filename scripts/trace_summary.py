@@ -1,6 +1,8 @@
 """Summarise a worker step trace (AGENTSERVE_STEP_TRACE=FILE): per draft source, rows,
 expected / accepted / verified drafts; per batch size, plain and verify steps' forward seconds
-and tokens per step. Usage: .venv/bin/python scripts/trace_summary.py TRACE.jsonl"""
+and tokens per step; and, where the trace holds target forwards ("forward" lines, written by
+every server traced, plain ones included), the worker's whole no-draft step against a plain
+server's decode forward at the same batch size. Usage: .venv/bin/python scripts/trace_summary.py TRACE.jsonl"""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from collections import defaultdict
 
 
 def main(path: str) -> None:
-    steps = [json.loads(line) for line in open(path, encoding="utf-8") if '"sources"' in line]
+    lines = [json.loads(line) for line in open(path, encoding="utf-8")]
+    steps = [x for x in lines if "sources" in x]
+    forwards = [x for x in lines if x.get("kind") == "forward"]
     src: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
     for s in steps:
         for name, e, a, n in zip(s["sources"], s.get("expected") or [0.0] * len(s["sources"]), s["accepted"],
@@ -41,6 +45,28 @@ def main(path: str) -> None:
         rate = sum(sum(x["emitted"]) for x in ss) / sum(x["verify_s"] + x["draft_s"] + x["schedule_s"] for x in ss)
         print(f"{bs:2d}  {kind:6s} {len(ss):6d}  {fwd:18.3f}  {statistics.mean(x['verify_tokens'] for x in ss):19.1f}"
               f"  {em:12.2f}  {rate:19.1f}")
+
+    if forwards:
+        compare_plain(steps, forwards)
+
+
+def compare_plain(steps: list[dict], forwards: list[dict]) -> None:
+    """Per batch size: a plain server's decode forward (median s) against the speculative
+    worker's steps that drafted nothing (whole step: draft + schedule + verify, median s)."""
+    plain: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for f in forwards:
+        if f["mode"] == "DECODE":
+            plain[(f["server"], f["batch_size"])].append(f["seconds"])
+    worker: dict[int, list[float]] = defaultdict(list)
+    for s in steps:
+        if s["plain"]:
+            worker[s["batch_size"]].append(s["draft_s"] + s["schedule_s"] + s["verify_s"])
+    print("bs  server                 decode steps  decode s (median)  worker no-draft steps  worker step s (median)  ratio")
+    for (server, bs), xs in sorted(plain.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        w = worker.get(bs, [])
+        ratio = f"{statistics.median(w) / statistics.median(xs):.2f}" if w else "-"
+        wm = f"{statistics.median(w):.4f}" if w else "-"
+        print(f"{bs:2d}  {server:22s} {len(xs):12d}  {statistics.median(xs):17.4f}  {len(w):21d}  {wm:>22s}  {ratio}")
 
 
 if __name__ == "__main__":

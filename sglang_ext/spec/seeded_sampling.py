@@ -33,6 +33,7 @@ Under --enable-deterministic-inference (SGLang's own seeded sampler on) both sta
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -150,7 +151,29 @@ def around_tp_forward(original: Callable[..., Any], worker: Any, batch: Any = No
             setattr(si, ATTR, seeds if any(s is not None for s in seeds) else None)
         except Exception as e:  # a seed we cannot read is a seed we do not honour, never a failed step
             log.warning("seeded sampling: could not read the batch's seeds: %s", e)
-    return original(worker, batch, *args, **kwargs)
+    if not _tracing():
+        return original(worker, batch, *args, **kwargs)
+    # AGENTSERVE_STEP_TRACE: time every target forward, so a plain server's decode steps can be
+    # set beside the speculative worker's steps at the same batch size (scripts/trace_summary.py)
+    t0 = time.perf_counter()
+    out = original(worker, batch, *args, **kwargs)
+    mode = getattr(getattr(batch, "forward_mode", None), "name", "?")
+    _trace_forward(mode, len(getattr(batch, "reqs", []) or []), time.perf_counter() - t0)
+    return out
+
+
+def _tracing() -> bool:
+    from sglang_ext.spec import stats
+
+    return stats.tracing()
+
+
+def _trace_forward(mode: str, batch_size: int, seconds: float) -> None:
+    from sglang_ext import config
+    from sglang_ext.spec import stats
+
+    stats.trace_event("forward", {"server": config.served().name, "mode": mode, "batch_size": batch_size,
+                                  "seconds": seconds})
 
 
 def around_sampler(original: Callable[..., Any], sampler: Any, logits_output: Any, sampling_info: Any,

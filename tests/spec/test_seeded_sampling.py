@@ -107,3 +107,19 @@ def test_processed_equals_process_logits(t: float, top_p: float, top_k: int) -> 
         got = ss.processed(x, t, top_p, top_k)
         assert torch.equal(got > 0, ref > 0)
         assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_with_a_step_trace_every_target_forward_is_timed(tmp_path, monkeypatch) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from sglang_ext.spec import seeded_sampling, stats
+
+    path = tmp_path / "trace.jsonl"
+    batch = SimpleNamespace(reqs=[object(), object()], forward_mode=SimpleNamespace(name="DECODE"))
+    seeded_sampling.around_tp_forward(lambda w, b: "out", None, batch)
+    assert not path.exists()  # off unless AGENTSERVE_STEP_TRACE is set
+    monkeypatch.setattr(stats, "_trace_path", str(path))
+    assert seeded_sampling.around_tp_forward(lambda w, b: "out", None, batch) == "out"
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert line["kind"] == "forward" and line["mode"] == "DECODE" and line["batch_size"] == 2 and line["seconds"] >= 0
