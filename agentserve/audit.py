@@ -213,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dtype not in BOUNDS:
         ap.error(f"--dtype: the profile's model.dtype {dtype!r} has no stated bound; pass --dtype")
     exact = {"deterministic": True} if a.deterministic else {}
-    spec_p, plain_p = (p.model_copy(update={"model": p.model.model_copy(update={"dtype": dtype}),
+    # the tier gate is off: the audit is about numerics, and a refusal would lose an answer
+    spec_p, plain_p = (p.model_copy(update={"model": p.model.model_copy(update={"dtype": dtype}), "admission_control": False,
                                             "server": p.server.model_copy(update=exact)}) for p in (spec_p, plain_p))
     bound = EXACT_BOUND if a.deterministic else a.bound
     if Path(spec_p.model.path).resolve() != Path(plain_p.model.path).resolve():
