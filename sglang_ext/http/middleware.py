@@ -33,7 +33,7 @@ from sglang_ext.tiers.admission import Overloaded
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20  # bytes of one request body read into memory
-CUSTOM_KEYS = ("__agentserve_agent", "__agentserve_tier", "__agentserve_session")
+CUSTOM_KEYS = ("__agentserve_agent", "__agentserve_tier", "__agentserve_session", "__agentserve_ended")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -81,7 +81,9 @@ def tag_request(path: str, doc: dict[str, Any], tags: dict[str, str]) -> None:
     """Put our tags into SGLang's custom_params (the scheduler receives them on each Req)."""
     def merge(holder: dict[str, Any]) -> None:
         cp = holder.get("custom_params")
-        holder["custom_params"] = {**(cp if isinstance(cp, dict) else {}), **tags}
+        # a client's own __agentserve_* keys are dropped: only this layer speaks for an agent
+        own = {k: v for k, v in cp.items() if not str(k).startswith("__agentserve_")} if isinstance(cp, dict) else {}
+        holder["custom_params"] = {**own, **tags}
 
     if path == "/generate":
         sp = doc.get("sampling_params")
@@ -153,8 +155,11 @@ class AgentMiddleware:
             return await reply_error(send, e)
         tier = caller.tier
         label = reg.table.label(caller.agent)
-        tag_request(path, doc, {"__agentserve_agent": label, "__agentserve_tier": tier.name if tier else "",
-                                "__agentserve_session": sid or ""})
+        tags = {"__agentserve_agent": label, "__agentserve_tier": tier.name if tier else "", "__agentserve_session": sid or ""}
+        ended = reg.sessions.take_ended()
+        if ended:  # the scheduler hears of closed sessions only through requests (the one channel)
+            tags["__agentserve_ended"] = ",".join(ended)
+        tag_request(path, doc, tags)
         ask_streamed_usage(path, doc)
         raw = json.dumps(doc).encode()
         scope = with_body(scope, raw)

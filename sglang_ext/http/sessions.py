@@ -9,12 +9,15 @@ What a session gives (documented in the README):
   under memory pressure; a session does not pin KV, it only keeps the draft index;
 - limits: `sessions.ttl_s` idle seconds (each request renews it), `sessions.max_sessions` open
   at once (more: 429). On expiry or DELETE the id becomes unknown (404 naming `x-session-id`),
-  the scheduler drops the session's draft index when it next idles past the TTL, and the KV
+  the scheduler drops the session's draft index when the next generation request reaches it
+  (the ids ride on that request's tags) or, failing that, once it idles past the TTL; the KV
   becomes ordinary evictable cache; the agent opens a new session and resends its messages
   (nothing else is lost: chat completions are stateless, the session only accelerates them).
 """
 
 from __future__ import annotations
+
+import collections
 
 import secrets
 import threading
@@ -56,12 +59,23 @@ class SessionStore:
         self._s: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.expired_total = 0
+        # Sessions closed or expired since the last generation request: the scheduler's draft
+        # index of each is dropped when the next request carries the list (middleware.py), so
+        # copy-index memory follows open sessions, not every session ever opened.
+        self._ended: collections.deque[str] = collections.deque(maxlen=4096)
 
     def _sweep(self, now: float) -> None:
         dead = [k for k, s in self._s.items() if s.expires_at() <= now]
         for k in dead:
             del self._s[k]
+        self._ended.extend(dead)
         self.expired_total += len(dead)
+
+    def take_ended(self, limit: int = 64) -> list[str]:
+        """Up to `limit` session ids closed or expired since the last call (oldest first)."""
+        with self._lock:
+            self._sweep(self.clock())
+            return [self._ended.popleft() for _ in range(min(limit, len(self._ended)))]
 
     def open(self, agent_id: str, ttl_s: Optional[float] = None) -> Session:
         if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s <= self.ttl_s):
@@ -105,7 +119,8 @@ class SessionStore:
     def close(self, sid: str, agent_id: Optional[str] = None) -> Session:
         s = self.owned(sid, agent_id)
         with self._lock:
-            self._s.pop(sid, None)
+            if self._s.pop(sid, None) is not None:
+                self._ended.append(sid)
         return s
 
     def __len__(self) -> int:

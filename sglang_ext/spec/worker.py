@@ -80,7 +80,7 @@ from sglang_ext.spec.step_cost import StepCost, measure_startup
 from sglang_ext.spec.verify import plain, verify
 from sglang_ext.tiers.load_report import LoadPublisher, report_path
 from sglang_ext.tiers.pacing import PrefillPacer
-from sglang_ext.tiers.policy import TierPolicy, request_tags
+from sglang_ext.tiers.policy import TierPolicy, ended_sessions, request_tags
 
 log = logging.getLogger("agentserve.dspark_worker")
 
@@ -244,7 +244,20 @@ class AgentSparkWorker(BaseSpecWorker):
             self.index.bind(key, *request_tags(req)[:2])
         if sid:
             self._session_seen[key] = time.monotonic()
+        self.end_sessions(ended_sessions(req))
         return key
+
+    def end_sessions(self, sids: list[str]) -> None:
+        """Drop the draft index of sessions the HTTP layer closed or saw expire (a session with a
+        request still running keeps its index until expire_sessions)."""
+        if self.index is None or not sids:
+            return
+        live = set(self.keys.values())
+        for sid in sids:
+            key = f"session:{sid}"
+            if key not in live:
+                self.index.drop(key)
+                self._session_seen.pop(key, None)
 
     def expire_sessions(self) -> None:
         """Drop the draft index of sessions idle past the profile's sessions.ttl_s (the HTTP

@@ -40,6 +40,13 @@ def request_tags(req: Any) -> tuple[str, str, str]:
             str(cp.get("__agentserve_session") or ""))
 
 
+def ended_sessions(req: Any) -> list[str]:
+    """Session ids the HTTP layer saw closed or expired, carried on this request's custom_params."""
+    cp = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    raw = cp.get("__agentserve_ended") if isinstance(cp, dict) else None
+    return [s for s in str(raw).split(",") if s] if raw else []
+
+
 class TierPolicy:
     def __init__(self, tiers: Mapping[str, Tier], clock: Callable[[], float] = time.monotonic) -> None:
         self.tiers = dict(tiers)  # name -> the profile's Tier (the one tier type)

@@ -121,6 +121,19 @@ def test_sessions_through_the_routes(mw) -> None:
     assert r.status_code == 404 and r.json()["param"] == "x-session-id"
     snap = c.get("/agentserve/v1/agents").json()
     assert snap["sessions"]["open"] == 0 and snap["tiers"][0]["admitted"] == 1
+    # the next generation request tells the scheduler the session ended (its draft index goes), once
+    assert chat(c, {"x-agent-id": "known"}).status_code == 200
+    assert bodies[-1]["custom_params"]["__agentserve_ended"] == sess["id"]
+    assert chat(c, {"x-agent-id": "known"}).status_code == 200 and "__agentserve_ended" not in bodies[-1]["custom_params"]
+
+
+def test_a_client_cannot_speak_for_the_agent_layer_in_custom_params(mw) -> None:
+    c, bodies = mw
+    forged = {"__agentserve_agent": "root", "__agentserve_tier": "top", "__agentserve_ended": "someone-elses", "x": 2}
+    r = chat(c, {"x-agent-id": "known"}, {"messages": [{"role": "user", "content": "hi"}], "custom_params": forged})
+    assert r.status_code == 200
+    assert bodies[-1]["custom_params"] == {"x": 2, "__agentserve_agent": "known", "__agentserve_tier": "gold",
+                                           "__agentserve_session": ""}
 
 
 def test_a_body_that_is_not_a_json_object_is_400_naming_the_body(mw) -> None:

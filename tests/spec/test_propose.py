@@ -69,3 +69,23 @@ def test_a_row_the_model_drafts_keeps_the_model(monkeypatch: pytest.MonkeyPatch)
     prop = P.propose(w, inp, StepStats(batch_size=2))  # type: ignore[arg-type]
     assert seen == {"copy_rows": [], "model_rows": [0, 1]} and not decisions[0].use_copy
     assert prop.model_rows == [0, 1] and prop.max_len.tolist() == [4, 4]
+
+
+def test_sessions_the_http_layer_ended_lose_their_draft_index() -> None:
+    from types import SimpleNamespace
+
+    from sglang_ext.copy.suffix_index import SessionIndexRegistry
+    from sglang_ext.spec.worker import AgentSparkWorker
+    from sglang_ext.tiers.policy import ended_sessions
+
+    reg = SessionIndexRegistry()
+    for k in ("session:a", "session:b", "session:c"):
+        reg.extend(k, [1, 2, 3, 4])
+    w = SimpleNamespace(index=reg, keys={"r1": "session:c"}, _session_seen={"session:a": 0.0, "session:b": 0.0})
+    req = SimpleNamespace(sampling_params=SimpleNamespace(custom_params={"__agentserve_ended": "a,c"}))
+    assert ended_sessions(req) == ["a", "c"]
+    AgentSparkWorker.end_sessions(w, ended_sessions(req))  # type: ignore[arg-type]
+    assert reg.get("session:a", create=False) is None and "session:a" not in w._session_seen
+    assert reg.get("session:b", create=False) is not None  # not ended
+    assert reg.get("session:c", create=False) is not None  # a request of it still runs
+    assert ended_sessions(SimpleNamespace(sampling_params=SimpleNamespace(custom_params={}))) == []

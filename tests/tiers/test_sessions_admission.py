@@ -54,6 +54,8 @@ def test_session_lifecycle_expiry_and_limits() -> None:
     assert store.close(c.id).id == c.id
     with pytest.raises(SessionError):
         store.close(c.id)
+    # the two that expired and the one closed, each once, for the scheduler's draft index
+    assert sorted(store.take_ended()) == sorted([a.id, b.id, c.id]) and store.take_ended() == []
 
 
 TIERS = [Tier(**t) for t in [{"name": "interactive", "target_tokens_per_s": 10.0, "priority": 0, "max_concurrency": 1, "on_overload": "reject"},
