@@ -12,11 +12,14 @@ def _w(n: int = 200, k: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", [exact.BF16, exact.F32, exact.ROW])
+@pytest.mark.parametrize("kind", ["chosen on this CPU", exact.ROW])
 def test_a_row_comes_out_the_same_in_any_batch(kind: str) -> None:
+    # the kernel the start-up check picks on whatever CPU runs this, and the one-row fallback
     t = exact.TiledLinear(tile=8)
     w, bias = _w(), torch.randn(200).to(torch.bfloat16)
-    t.kinds[(200, 96)] = kind
+    if kind == exact.ROW:
+        t.kinds[(200, 96)] = kind
+    assert t.kind(w, bias) in (exact.BF16, exact.F32, exact.ROW)
     x = torch.randn(37, 96).to(torch.bfloat16)
     full = t.linear(x, w, bias)
     assert full.shape == (37, 200) and full.dtype == torch.bfloat16
