@@ -55,7 +55,9 @@ def compare_plain(steps: list[dict], forwards: list[dict]) -> None:
     worker's steps that drafted nothing (whole step: draft + schedule + verify, median s)."""
     plain: dict[tuple[str, int], list[float]] = defaultdict(list)
     for f in forwards:
-        if f["mode"] == "DECODE":
+        # a plain server's decode forwards (a speculative server's own DECODE forwards are its
+        # no-draft steps, counted below as whole steps)
+        if f["mode"] == "DECODE" and f.get("algorithm", "none") == "none":
             plain[(f["server"], f["batch_size"])].append(f["seconds"])
     worker: dict[int, list[float]] = defaultdict(list)
     for s in steps:

@@ -172,8 +172,9 @@ def _trace_forward(mode: str, batch_size: int, seconds: float) -> None:
     from sglang_ext import config
     from sglang_ext.spec import stats
 
-    stats.trace_event("forward", {"server": config.served().name, "mode": mode, "batch_size": batch_size,
-                                  "seconds": seconds})
+    prof = config.served()
+    stats.trace_event("forward", {"server": prof.name, "algorithm": prof.drafter.algorithm, "mode": mode,
+                                  "batch_size": batch_size, "seconds": seconds})
 
 
 def around_sampler(original: Callable[..., Any], sampler: Any, logits_output: Any, sampling_info: Any,
