@@ -54,6 +54,9 @@ class DrafterSpec(_Strict):
     # each request verifies only its own 1 + l_r positions (false: every row padded to the
     # widest, SGLang's uniform TARGET_VERIFY layout)
     ragged_verify: bool = True
+    # a step verifies drafts only if its expected tokens per second beat plain decoding's by
+    # this fraction (a margin for the step-cost model's error where drafts barely pay)
+    min_step_gain: float = Field(default=0.0, ge=0, le=1)
 
     @field_validator("shared_index", mode="before")
     @classmethod

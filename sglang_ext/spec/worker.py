@@ -146,6 +146,7 @@ class AgentSparkWorker(BaseSpecWorker):
                          plain_periods=self.load.plain_periods)
             if self.scheduler_mode == "tier_aware" and defer_s > 0 and self.tier_policy.tiers else None)
         self._ragged_wanted = prof.drafter.ragged_verify
+        self.min_step_gain = prof.drafter.min_step_gain
         self._ragged: Optional[bool] = None  # asked of the attention backend at the first decode step
         self.gate = DraftGate(t_draft=self._time_drafter())  # model drafting only where it pays (draft_gate.py)
 

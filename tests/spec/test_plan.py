@@ -76,3 +76,14 @@ def test_model_rows_add_their_block_and_drafter_time() -> None:
     w.gate.t_draft = 2.0
     width, _ = best_width(w, [None], [], [0], ["m"], bs=1)
     assert width == 1
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_a_step_that_barely_pays_stays_plain_under_a_margin(ragged: bool) -> None:
+    # four good copies beat plain decoding by a few per cent under this cost model: verified
+    # with no margin (the default), decoded plainly when the profile asks for 10 % more
+    w = _worker(ragged)
+    args = ([_decision(0.65)] * 4, [0, 1, 2, 3], [], list("abcd"))
+    assert best_width(w, *args, bs=4)[0] > 1
+    w.min_step_gain = 0.1
+    assert best_width(w, *args, bs=4) == (1, {})
