@@ -179,7 +179,8 @@ def around_decode_sdpa(original: Callable[..., torch.Tensor], backend: Any, quer
     cd = _compute_dtype(query)
     if not _announced:
         _announced = True
-        log.info("cpu_attention: %s decode attention runs in %s", query.dtype, cd)
+        log.info("cpu_attention: %s decode attention runs in %s", query.dtype,
+                 "float64 (server.deterministic)" if cd == torch.float64 else "fp32 (server.cpu_attention: fp32)")
     sdpa_ok = cd == torch.float64 or selfcheck.fp32_sdpa_ok()  # once per process, at first use
     rows = req_pool_indices.tolist()
     lens = seq_lens.tolist()
