@@ -30,6 +30,7 @@ speculative servers in bf16 byte-identical at 1 and 4 concurrent requests.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -53,7 +54,12 @@ def enabled_from_profile() -> bool:
 
 
 def native_bf16_matmul() -> bool:
-    """The CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): the bf16 kernel is cheap."""
+    """The CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): the bf16 kernel is cheap.
+    A oneDNN ISA cap below that (ONEDNN_MAX_CPU_ISA=AVX2, say) counts as no: oneDNN's bf16
+    product then costs about M one-row products (measured: 0.2 tok/s in exact mode)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap and "BF16" not in cap:
+        return False
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # an older torch without the probes: the fp32 kernel is safe everywhere

@@ -77,3 +77,12 @@ def test_the_profile_switch_defaults_off() -> None:
 
     assert ServerSpec().deterministic is False
     assert ServerSpec(deterministic=True).deterministic is True
+
+
+def test_a_onednn_isa_cap_below_bf16_means_the_fp32_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert exact.native_bf16_matmul() is False and exact.TiledLinear().prefer == exact.F32
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    flags = exact.native_bf16_matmul()  # what this CPU has
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert exact.native_bf16_matmul() == flags  # a cap that allows bf16 changes nothing
