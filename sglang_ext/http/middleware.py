@@ -163,16 +163,18 @@ class AgentMiddleware:
         ask_streamed_usage(path, doc)
         raw = json.dumps(doc).encode()
         scope = with_body(scope, raw)
-        await self._admitted(scope, raw, receive, send, caller, label)
+        await self._admitted(scope, raw, receive, send, caller, label, ended)
 
-    async def _admitted(self, scope: Scope, raw: bytes, receive: Receive, send: Send, caller: Caller, label: str) -> None:
+    async def _admitted(self, scope: Scope, raw: bytes, receive: Receive, send: Send, caller: Caller, label: str,
+                        ended: list[str]) -> None:
         """Admit through the tier gate, forward to SGLang, time the answer, release."""
         reg, tier = self.registry, caller.tier
         arrived = time.monotonic()
         try:
             queued = await reg.gate.admit(tier.name if tier else None)
         except Overloaded as e:
-            reg.table.count_admission(tier, "rejected" if e.status == 429 else "timed_out")
+            reg.table.count_admission(tier, "timed_out" if e.timed_out else "rejected")
+            reg.sessions.give_back(ended)  # this request never reaches the scheduler
             return await reply(send, e.status, error_body(e.status, "x-agent-tier", e.message),
                                [(b"retry-after", str(e.retry_after).encode())])
         if queued:

@@ -71,6 +71,11 @@ class SessionStore:
         self._ended.extend(dead)
         self.expired_total += len(dead)
 
+    def give_back(self, ids: list[str]) -> None:
+        """Ids taken for a request that then never reached the scheduler (refused): next time."""
+        with self._lock:
+            self._ended.extendleft(reversed(ids))
+
     def take_ended(self, limit: int = 64) -> list[str]:
         """Up to `limit` session ids closed or expired since the last call (oldest first)."""
         with self._lock:

@@ -96,9 +96,10 @@ class TierState:
 
 
 class Overloaded(Exception):
-    def __init__(self, status: int, tier: str, message: str, retry_after: int = 1):
+    def __init__(self, status: int, tier: str, message: str, retry_after: int = 1, timed_out: bool = False):
         super().__init__(message)
         self.status, self.tier, self.message, self.retry_after = status, tier, message, retry_after
+        self.timed_out = timed_out  # queued past queue_timeout_s (else refused at once)
 
 
 @dataclass(order=True)
@@ -253,7 +254,7 @@ class TierGate:
                         t.counts["timed_out"] += 1
                         raise Overloaded(429, tier, f"x-agent-tier: queued {t.tier.queue_timeout_s:g} s (tier '{tier}' "
                                          f"queue_timeout_s) without capacity: {self.blocked_by(tier) or 'others first'}",
-                                         retry_after=max(1, int(t.tier.queue_timeout_s)))
+                                         retry_after=max(1, int(t.tier.queue_timeout_s)), timed_out=True)
                     try:  # re-check on every release, and at least every 0.25 s (attainment ages out)
                         await asyncio.wait_for(self._cond.wait(), timeout=min(left, 0.25))
                     except asyncio.TimeoutError:

@@ -55,7 +55,10 @@ def test_session_lifecycle_expiry_and_limits() -> None:
     with pytest.raises(SessionError):
         store.close(c.id)
     # the two that expired and the one closed, each once, for the scheduler's draft index
-    assert sorted(store.take_ended()) == sorted([a.id, b.id, c.id]) and store.take_ended() == []
+    ended = store.take_ended()
+    assert sorted(ended) == sorted([a.id, b.id, c.id]) and store.take_ended() == []
+    store.give_back(ended)  # the request that carried them was refused: they go with the next one
+    assert store.take_ended() == ended
 
 
 TIERS = [Tier(**t) for t in [{"name": "interactive", "target_tokens_per_s": 10.0, "priority": 0, "max_concurrency": 1, "on_overload": "reject"},
@@ -69,7 +72,7 @@ def test_gate_rejects_over_max_concurrency_and_names_the_tier() -> None:
         assert await gate.admit("interactive") is False
         with pytest.raises(Overloaded) as e:
             await gate.admit("interactive")
-        assert e.value.status == 429 and "max_concurrency 1" in e.value.message
+        assert e.value.status == 429 and "max_concurrency 1" in e.value.message and not e.value.timed_out
         await gate.release("interactive", 12.0)
         assert await gate.admit("interactive") is False
         snap = {t["name"]: t for t in gate.snapshot()}
@@ -91,7 +94,7 @@ def test_gate_protects_a_tier_below_its_target_and_queues_in_priority_order() ->
         # standard queues, then times out with 429 naming why (a refusal, not a server error)
         with pytest.raises(Overloaded) as e:
             await gate.admit("standard")
-        assert e.value.status == 429 and "queue_timeout_s" in e.value.message
+        assert e.value.status == 429 and "queue_timeout_s" in e.value.message and e.value.timed_out
         # a queued standard request starts once the interactive request has finished
         waiter = asyncio.create_task(gate.admit("standard"))
         await asyncio.sleep(0.05)
