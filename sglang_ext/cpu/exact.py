@@ -37,7 +37,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_ext import config
-from sglang_ext.cpu import selfcheck
+from sglang_ext.cpu import matmul, selfcheck
 
 log = logging.getLogger("agentserve.exact")
 
@@ -141,16 +141,11 @@ class TiledLinear:
         n = 0
         for mod in model.modules():
             w = getattr(mod, "weight", None)
-            if (_is_linear(mod) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
+            if (matmul.is_linear(mod) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
                     and w.dtype in _HALF + (torch.float32,)):
                 self.kind(w, getattr(mod, "bias", None) if isinstance(mod, torch.nn.Linear) else None)
                 n += 1
         return n
-
-
-def _is_linear(mod: torch.nn.Module) -> bool:
-    return isinstance(mod, torch.nn.Linear) or type(getattr(mod, "quant_method", None)).__name__ in (
-        "UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
 
 
 _tiled: Optional[TiledLinear] = None
@@ -186,9 +181,7 @@ def around_linear(original: Callable[..., torch.Tensor], method: Any, layer: Any
 
 def around_lm_head(original: Callable[..., torch.Tensor], proc: Any, hidden_states: torch.Tensor, lm_head: Any,
                    embedding_bias: Optional[torch.Tensor] = None, **kw: Any) -> torch.Tensor:
-    from sglang_ext.cpu.matmul import _plain_head
-
-    if _plain_head(proc, lm_head, embedding_bias) and _applies(hidden_states, lm_head.weight):
+    if matmul._plain_head(proc, lm_head, embedding_bias) and _applies(hidden_states, lm_head.weight):
         return tiled().linear(hidden_states, lm_head.weight, None)
     return original(proc, hidden_states, lm_head, embedding_bias, **kw)
 

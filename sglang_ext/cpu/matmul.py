@@ -239,11 +239,16 @@ class GemmChooser:
         request: SGLang's unquantized linears and LM head, and plain torch Linear layers."""
         for mod in model.modules():
             w = getattr(mod, "weight", None)
-            linear = (isinstance(mod, torch.nn.Linear) or type(getattr(mod, "quant_method", None)).__name__
-                      in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"))
-            if (linear and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
+            if (is_linear(mod) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
                     and w.dtype == torch.bfloat16 and not getattr(mod, "use_intel_amx_backend", False)):
                 self.kind(self.min_rows, w)
+
+
+def is_linear(mod: torch.nn.Module) -> bool:
+    """A torch Linear, or an SGLang layer whose product is a plain weight product (its
+    unquantized linear or embedding-as-head method): the layers our kernel choices act on."""
+    return isinstance(mod, torch.nn.Linear) or type(getattr(mod, "quant_method", None)).__name__ in (
+        "UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
 
 
 _chooser: Optional[GemmChooser] = None

@@ -102,7 +102,7 @@ def best_width(w: AgentSparkWorker, decisions: list[Optional[HybridDecision]], c
     token does not verify seven. Pre-sampling information only (copy confidences are
     deterministic given the context; the model's expectation is its past acceptance), so
     verification stays lossless."""
-    plain_rate = bs / w.sps.step_seconds(bs, kv) * (1.0 + getattr(w, "min_step_gain", 0.0))
+    plain_rate = bs / w.sps.step_seconds(bs, kv) * (1.0 + w.min_step_gain)
     copy_pp = []
     for i in copy_rows:
         d = decisions[i]

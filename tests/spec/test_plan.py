@@ -16,7 +16,8 @@ from sglang_ext.spec.step_cost import StepCost
 def _worker(ragged: bool) -> SimpleNamespace:
     # linear prior t(B) = 1 + 0.25 (B - 1): every batch token adds a quarter of a lone step
     gate = SimpleNamespace(t_draft=None, expected=lambda rid: 0.0)
-    return SimpleNamespace(sps=StepCost(None, prior_slope=0.25), ragged=ragged, block=7, copy_block=7, gate=gate)
+    return SimpleNamespace(sps=StepCost(None, prior_slope=0.25), ragged=ragged, block=7, copy_block=7, gate=gate,
+                           min_step_gain=0.0)
 
 
 def _decision(conf: float) -> HybridDecision:
