@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default OUT/.train")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default=None,
+                   help="(with --corpus) start from this drafter checkpoint's config, weights and token map "
+                        "with a fresh optimizer and schedule, e.g. to train a shipped drafter further")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
     p.add_argument("--domains", default="math,code,chat")
     p.add_argument("--prompts-dir", default=DEFAULT_PROMPTS_DIR)

@@ -127,8 +127,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.corpus}: no train records yet (run `agentserve corpus build`)", file=sys.stderr)
         return 2
     state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume and os.path.exists(state_path) else None
+    init = None
     if state is not None:
         cfg = DSparkConfig.from_dict(state["config"])
+    elif args.init_from:
+        # fresh optimizer and schedule on a trained drafter (its train state need not exist here)
+        init = DSparkDrafter.from_pretrained(args.init_from)
+        cfg = init.config
+        cfg.extra.setdefault("dspark_training", {})["init_from"] = os.path.abspath(args.init_from)
     else:
         n_tl = int(tcfg.num_hidden_layers)
         lids = ([int(x) for x in args.target_layers.split(",")] if "," in args.target_layers
@@ -141,9 +147,9 @@ def run(args: argparse.Namespace) -> int:
             cfg.intermediate_size = args.intermediate_size
         cfg.draft_vocab_size = args.draft_vocab
         cfg.extra["dspark_training"] = {"no_sequential": bool(args.no_sequential), "corpus": True}
-    drafter = DSparkDrafter(cfg).to(device)
+    drafter = (init if init is not None else DSparkDrafter(cfg)).to(device)
     drafter.attach_target(target)
-    if cfg.draft_vocab_size and state is None:
+    if cfg.draft_vocab_size and state is None and init is None:
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         drafter.set_token_map(build_token_map(train_recs, cfg.draft_vocab_size, cfg.vocab_size, eos))
     params = [p for p in drafter.parameters() if p.requires_grad]

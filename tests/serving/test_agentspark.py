@@ -201,7 +201,7 @@ def test_uniform_verify_fallback_identical_to_plain(plain_server, uniform_verify
 
 def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server) -> None:
     # Sampled requests that repeat a prompt: later ones get continuations copied from the radix
-    # tree (earlier samples) and verified as deterministic drafts. Two clients at a time keep
+    # tree or the shared index (earlier samples) and verified as deterministic drafts. Two clients at a time keep
     # the batch small enough that copying pays on this CPU (so copies really are verified).
     import concurrent.futures as cf
 
@@ -215,7 +215,10 @@ def test_sampled_with_radix_copies_matches_plain(plain_server, agentspark_server
     with cf.ThreadPoolExecutor(2) as ex:
         got = list(ex.map(lambda i: gen(agentspark_server.url, body(30000 + i)), range(160)))
     after = _source_counts(agentspark_server.url)
-    assert after["radix"] - before["radix"] >= 100, (before, after)  # copies really were verified
+    # copies really were verified: from the radix tree or the shared index (both learn from earlier
+    # samples of this prompt; which of the two offers a given draft depends on timing)
+    copied = sum(after[s] - before[s] for s in ("radix", "shared", "session"))
+    assert copied >= 100, (before, after)
     a = collections.Counter(tuple(o["output_ids"]) for o in ref)
     b = collections.Counter(tuple(o["output_ids"]) for o in got)
     pvalue, cells = _two_sample_chi2(a, b, min_count=5)
