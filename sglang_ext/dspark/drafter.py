@@ -93,9 +93,10 @@ class DraftAttention(nn.Module):
         positions: torch.Tensor,
         ctx_k: torch.Tensor,
         ctx_v: torch.Tensor,
-        mask: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """x [B, N, d] block tokens; ctx_k/v [B, S, nkv, hd]; mask [B, N, S+N] (True=attend)."""
+        """x [B, N, d] block tokens; ctx_k/v [B, S, nkv, hd]; mask [B, N, S+N] (True=attend;
+        None: every row attends to all of its context and block)."""
         q = self.q_proj(x).unflatten(-1, (self.nh, self.hd))
         if self.use_qk_norm:
             q = self.q_norm(q)
@@ -103,12 +104,10 @@ class DraftAttention(nn.Module):
         k, v = self.kv(x, positions)
         k = torch.cat([ctx_k.to(k.dtype), k], dim=1)
         v = torch.cat([ctx_v.to(v.dtype), v], dim=1)
-        rep = self.nh // self.nkv
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=2)
-            v = v.repeat_interleave(rep, dim=2)
+        # grouped-query heads are shared inside SDPA (no repeated K/V copies); mask None = attend all
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None], enable_gqa=self.nh != self.nkv,
         )
         return self.o_proj(out.transpose(1, 2).flatten(-2))
 
@@ -410,7 +409,7 @@ class DSparkDrafter(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         ctx_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        mask: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         for layer, (ck, cv) in zip(self.layers, ctx_kv):
             x = layer(x, positions, ck, cv, mask)
@@ -487,6 +486,12 @@ class DSparkDrafter(nn.Module):
 
     def _batch_context(self, ctxs: Sequence[DraftContext]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         r = len(ctxs)
+        if r == 1:  # one request (batch 1): its cache as views, no padded copy
+            c = ctxs[0]
+            kv = [(c.keys(li)[None].to(self.dtype), c.values(li)[None].to(self.dtype)) if c.length else
+                  (torch.zeros(1, 0, self.config.num_key_value_heads, self.config.head_dim, dtype=self.dtype,
+                               device=self.device),) * 2 for li in range(len(self.layers))]
+            return kv, torch.ones(1, c.length, dtype=torch.bool, device=self.device)
         lmax = max([c.length for c in ctxs] + [0])
         nkv, hd = self.config.num_key_value_heads, self.config.head_dim
         valid = torch.zeros(r, lmax, dtype=torch.bool, device=self.device)
@@ -529,8 +534,10 @@ class DSparkDrafter(nn.Module):
         ctx_kv, valid = self._batch_context(ctxs)
         pos = apos[:, None] + torch.arange(g, device=self.device)
         x = self.embed(self.block_input_ids(anchors))
-        mask = torch.cat([valid[:, None, :].expand(r, g, valid.shape[1]),
-                          torch.ones(r, g, g, dtype=torch.bool, device=self.device)], dim=-1)
+        mask: Optional[torch.Tensor] = None  # one request: every slot sees all (no mask needed)
+        if r > 1:
+            mask = torch.cat([valid[:, None, :].expand(r, g, valid.shape[1]),
+                              torch.ones(r, g, g, dtype=torch.bool, device=self.device)], dim=-1)
         hidden = self.run_layers(x, pos, ctx_kv, mask)
         base = self.lm_logits(hidden).float()
         first_prev = anchors if prev_tokens is None else prev_tokens.to(self.device).long().reshape(r)

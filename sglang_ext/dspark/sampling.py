@@ -167,34 +167,51 @@ def sample_block_sequential(
     verification treats an undraftable token as q = 0 and stays lossless.
     """
     r, g, v = base_logits.shape
+    dev = base_logits.device
     vf = v if token_map is None else int(token_map_vocab)
-    tokens = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
-    q = torch.zeros(r, g, vf, dtype=torch.float32, device=base_logits.device)
-    all_logits = torch.full((r, g, vf), float("-inf"), dtype=torch.float32, device=base_logits.device)
-    tm = None if token_map is None else token_map.to(base_logits.device).long()
-    prevs = torch.empty(r, g, dtype=torch.long, device=base_logits.device)
+    tokens = torch.empty(r, g, dtype=torch.long, device=dev)  # draft-vocabulary ids until the end
+    logits_d = torch.empty(r, g, v, dtype=torch.float32, device=dev)
+    tm = None if token_map is None else token_map.to(dev).long()
+    prevs = torch.empty(r, g, dtype=torch.long, device=dev)
     prev = anchors.long()
     state = init_state
-    # Greedy rows are one-hot after processing: argmax is the same draw without multinomial's cost.
+    # Greedy rows are one-hot after processing: argmax of the logits is the same draw (first
+    # index on ties, as process_logits' one-hot) without softmax or multinomial, and q is
+    # written once after the loop. The scatter into the full vocabulary is one call per block.
     all_greedy = bool(params.is_greedy.all())
+    probs_d = None if all_greedy else torch.empty(r, g, v, dtype=torch.float32, device=dev)
     for k in range(g):
         logits_k = base_logits[:, k].float()
         if bias_step is not None:
             bias, state = bias_step(prev, hidden[:, k], state)
             logits_k = logits_k + bias.float()
-        probs = process_logits(logits_k, params)
-        x = probs.argmax(-1) if all_greedy else sample_from_probs(probs, generator)
-        for i, noise in (gumbel or {}).items():
-            nz = noise[k] if tm is None else noise[k][tm.cpu()]
-            x[i] = torch.argmax(probs[i].double().log().cpu() + nz).to(x.device)
-        if tm is None:
-            q[:, k] = probs
-            all_logits[:, k] = logits_k
+        logits_d[:, k] = logits_k
+        if all_greedy:
+            x = logits_k.argmax(-1)
         else:
-            x = tm[x]
-            q[:, k].index_copy_(1, tm, probs)
-            all_logits[:, k].index_copy_(1, tm, logits_k)
+            probs = process_logits(logits_k, params)
+            x = sample_from_probs(probs, generator)
+            for i, noise in (gumbel or {}).items():
+                nz = noise[k] if tm is None else noise[k][tm.cpu()]
+                x[i] = torch.argmax(probs[i].double().log().cpu() + nz).to(x.device)
+            assert probs_d is not None
+            probs_d[:, k] = probs
         tokens[:, k] = x
         prevs[:, k] = prev
-        prev = x
+        prev = x if tm is None else tm[x]
+    if tm is not None:
+        tokens = tm[tokens]
+    if probs_d is None:
+        q = torch.zeros(r, g, vf, dtype=torch.float32, device=dev)
+        q.scatter_(2, tokens[..., None], 1.0)
+    elif tm is None:
+        q = probs_d
+    else:
+        q = torch.zeros(r, g, vf, dtype=torch.float32, device=dev)
+        q.index_copy_(2, tm, probs_d)
+    if tm is None:
+        all_logits = logits_d
+    else:
+        all_logits = torch.full((r, g, vf), float("-inf"), dtype=torch.float32, device=dev)
+        all_logits.index_copy_(2, tm, logits_d)
     return BlockSample(tokens=tokens, q_probs=q, logits=all_logits, prev_tokens=prevs)
