@@ -20,6 +20,10 @@ gap is flagged: no rounding explains it, so a draft was accepted that the target
 With `--deterministic` both servers run in exact mode (server.deterministic, sglang_ext/cpu/exact.py),
 where answers must be identical: every divergence is flagged, whatever its gap.
 
+With `--control` the plain server is also compared with itself, at each concurrency against one
+request at a time: the divergences batching alone makes in this dtype, beside which the
+speculative server's are read (its flags do not set the exit status).
+
 Exit status 1 when anything is flagged, 2 on a usage error.
 """
 
@@ -61,6 +65,7 @@ class AuditResult:
     bound: float
     identical: int
     divergences: list[Divergence] = field(default_factory=list)
+    pair: str = "spec vs plain"  # "plain@c vs plain@1" for the control (--control)
 
     @property
     def rate(self) -> float:
@@ -72,7 +77,7 @@ class AuditResult:
 
     def summary(self) -> dict:
         gaps = sorted(d.pair_gap for d in self.divergences)
-        return {"dtype": self.dtype, "concurrency": self.concurrency, "prompts": self.prompts,
+        return {"pair": self.pair, "dtype": self.dtype, "concurrency": self.concurrency, "prompts": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "identical": self.identical,
                 "diverged": len(self.divergences), "rate": round(self.rate, 3), "bound": self.bound,
                 "flagged": len(self.flagged), "max_pair_gap": round(gaps[-1], 4) if gaps else None,
@@ -125,14 +130,16 @@ def _token_at(answer: tuple[list[int], Optional[int]], i: int) -> Optional[int]:
 
 
 def audit(spec_url: str, plain_url: str, prompts: list[list[int]], dtype: str, concurrency: int = 1,
-          max_new: int = 128, bound: Optional[float] = None, spec_extra: Optional[dict] = None) -> AuditResult:
+          max_new: int = 128, bound: Optional[float] = None, spec_extra: Optional[dict] = None,
+          plain_concurrency: Optional[int] = None, pair: str = "spec vs plain") -> AuditResult:
     """Decode `prompts` greedily on both servers at `concurrency` and score each first divergence on
     the plain server. `spec_extra`: sampling parameters added to the speculative server's requests
-    only (a test uses a penalty to make a divergence that is not a tie)."""
+    only (a test uses a penalty to make a divergence that is not a tie). `plain_concurrency`: the
+    plain answers at another client count (the control: plain against itself, one at a time)."""
     bound = BOUNDS[dtype] if bound is None else bound
-    plain = run_all(plain_url, prompts, max_new, concurrency)
+    plain = run_all(plain_url, prompts, max_new, plain_concurrency or concurrency)
     spec = run_all(spec_url, prompts, max_new, concurrency, spec_extra)
-    res = AuditResult(dtype, concurrency, len(prompts), max_new, bound, identical=0)
+    res = AuditResult(dtype, concurrency, len(prompts), max_new, bound, identical=0, pair=pair)
     for k, (p, a, b) in enumerate(zip(prompts, plain, spec)):
         i = first_difference(a[0], b[0])
         if i is None:
@@ -166,17 +173,17 @@ def load_prompts(n: int, tokenizer, domains: Sequence[str] = tuple(DOMAIN_FILES)
 
 
 def print_table(results: list[AuditResult]) -> None:
-    print(f"{'dtype':9} {'conc':>4} {'prompts':>7} {'same':>5} {'diverged':>8} {'rate':>6} {'flagged':>7} "
+    print(f"{'pair':20} {'dtype':9} {'conc':>4} {'prompts':>7} {'same':>5} {'diverged':>8} {'rate':>6} {'flagged':>7} "
           f"{'median gap':>10} {'max gap':>8}  bound")
     for r in results:
         s = r.summary()
         med = "-" if s["median_pair_gap"] is None else f"{s['median_pair_gap']:.3f}"
         mx = "-" if s["max_pair_gap"] is None else f"{s['max_pair_gap']:.3f}"
-        print(f"{r.dtype:9} {r.concurrency:>4} {r.prompts:>7} {r.identical:>5} {len(r.divergences):>8} "
+        print(f"{r.pair:20} {r.dtype:9} {r.concurrency:>4} {r.prompts:>7} {r.identical:>5} {len(r.divergences):>8} "
               f"{r.rate:>6.0%} {len(r.flagged):>7} {med:>10} {mx:>8}  {'exact' if r.bound < 0 else f'{r.bound:g} nats'}")
     for r in results:
         for d in r.flagged:
-            print(f"FLAGGED {r.dtype} c={r.concurrency}: prompt {d.prompt} token {d.position}: plain {d.plain_token} "
+            print(f"FLAGGED {r.pair} {r.dtype} c={r.concurrency}: prompt {d.prompt} token {d.position}: plain {d.plain_token} "
                   f"vs spec {d.spec_token}, plain's log-prob gap {d.pair_gap:.3f} nats (top-2 gap {d.top2_gap:.3f})")
 
 
@@ -195,6 +202,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="serve both in exact mode (server.deterministic): every divergence is flagged")
     ap.add_argument("--bound", type=float, default=None, help="nats; default 0.25 for bf16/fp16, 0.02 for fp32")
     ap.add_argument("--domains", default=",".join(DOMAIN_FILES), help=f"prompt sets (default {','.join(DOMAIN_FILES)})")
+    ap.add_argument("--control", action="store_true",
+                    help="also compare the plain server at each concurrency with itself one request at a "
+                         "time: the divergences batching alone makes, against which to read the speculative ones")
     ap.add_argument("--json", default=None, help="write every divergence and the summaries here")
     ap.add_argument("--log-dir", default=None, help="server logs here (default: none kept)")
     a = ap.parse_args(argv)
@@ -239,6 +249,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for c in concs:
             results.append(audit(spec.url, plain.url, prompts, dtype, c, a.max_new_tokens, bound))
             print(json.dumps(results[-1].summary()), flush=True)
+            if a.control and c > 1:
+                results.append(audit(plain.url, plain.url, prompts, dtype, c, a.max_new_tokens, bound,
+                                     plain_concurrency=1, pair=f"plain@{c} vs plain@1"))
+                print(json.dumps(results[-1].summary()), flush=True)
     finally:
         spec.stop()
         plain.stop()
@@ -246,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps([{**r.summary(), "divergences": [asdict(d) for d in r.divergences]}
                                             for r in results], indent=1))
-    return 1 if any(r.flagged for r in results) else 0
+    return 1 if any(r.flagged for r in results if r.pair == "spec vs plain") else 0
 
 
 if __name__ == "__main__":

@@ -30,3 +30,13 @@ def test_a_real_difference_is_flagged(plain_server, agentspark_server, prompts) 
     assert r.flagged, r.summary()
     d = r.flagged[0]
     assert d.pair_gap > audit.BOUNDS["float32"] and d.plain_token != d.spec_token
+
+
+def test_control_compares_plain_at_a_batch_with_plain_alone(plain_server, prompts) -> None:
+    # --control: the plain server at 3 clients against itself one at a time (fp32: no divergence
+    # beyond the bound, the same bound the speculative pair is held to)
+    r = audit.audit(plain_server.url, plain_server.url, prompts, "float32", concurrency=3, max_new=48,
+                    plain_concurrency=1, pair="plain@3 vs plain@1")
+    s = r.summary()
+    assert s["pair"] == "plain@3 vs plain@1" and s["concurrency"] == 3
+    assert r.identical + len(r.divergences) == 3 and not r.flagged, s
