@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import json
 import statistics
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], 
                 labels = {"system": name, "temperature": temp, "concurrency": conc, "domain": dom}
                 before = scrape(srv.url)
                 with cf.ThreadPoolExecutor(conc) as ex:
-                    level = list(ex.map(lambda ids: send(srv.url, ids, max_new, temp, labels=labels), jobs))
+                    # each request its own rid: the step trace's lines say whose steps they were
+                    level = list(ex.map(lambda ids: send(srv.url, ids, max_new, temp, rid=uuid.uuid4().hex,
+                                                         labels=labels), jobs))
                 spec.append({**labels, **spec_delta(before, scrape(srv.url))})
                 records += level
                 s = metrics.summary(level)
