@@ -2,18 +2,24 @@
 expected / accepted / verified drafts; per batch size, plain and verify steps' forward seconds
 and tokens per step; and, where the trace holds target forwards ("forward" lines, written by
 every server traced, plain ones included), the worker's whole no-draft step against a plain
-server's decode forward at the same batch size. Usage: .venv/bin/python scripts/trace_summary.py TRACE.jsonl"""
+server's decode forward at the same batch size; the draft phase's share of a batch-1 step that
+drafted with the model; and, given the bench's results.json (its requests carry their rids), the
+worker's steps per system, domain and concurrency.
+Usage: .venv/bin/python scripts/trace_summary.py TRACE.jsonl [RESULTS.json]"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import sys
 from collections import defaultdict
 
 
-def main(path: str) -> None:
-    lines = [json.loads(line) for line in open(path, encoding="utf-8")]
+def main(path: str, results: str | None = None) -> None:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
     steps = [x for x in lines if "sources" in x]
     forwards = [x for x in lines if x.get("kind") == "forward"]
     src: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
@@ -48,6 +54,42 @@ def main(path: str) -> None:
 
     if forwards:
         compare_plain(steps, forwards)
+    draft_share(steps)
+    if results:
+        by_group(steps, results)
+
+
+def step_s(s: dict) -> float:
+    return s["draft_s"] + s["schedule_s"] + s["verify_s"]
+
+
+def draft_share(steps: list[dict]) -> None:
+    """Batch-1 steps that drafted with the model: the draft phase's share of the whole step."""
+    xs = [s for s in steps if s["batch_size"] == 1 and "model" in s["sources"] and not s["plain"]]
+    if not xs:
+        return
+    shares = [s["draft_s"] / step_s(s) for s in xs]
+    print(f"batch-1 model-drafting steps: {len(xs)}; draft phase median {statistics.median(s['draft_s'] for s in xs) * 1e3:.1f} ms, "
+          f"share of the step median {statistics.median(shares):.1%}, overall {sum(s['draft_s'] for s in xs) / sum(map(step_s, xs)):.1%}")
+
+
+def by_group(steps: list[dict], results: str) -> None:
+    """Steps whose requests all belong to one (system, domain, concurrency) of a bench run."""
+    with open(results, encoding="utf-8") as f:
+        reqs = json.load(f)["requests"]
+    group = {q["rid"]: (q["system"], q["domain"], q["concurrency"]) for q in reqs if q.get("rid")}
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for s in steps:
+        gs = {group.get(r) for r in s.get("rids") or []}
+        if len(gs) == 1 and None not in gs:
+            by[gs.pop()].append(s)
+    print("system   domain  c  steps  no-draft  mean bs  verify tokens/row  emitted/row  step s (mean)  draft share  emitted/s")
+    for (sysname, dom, c), ss in sorted(by.items()):
+        rows = sum(s["batch_size"] for s in ss)
+        t = sum(map(step_s, ss))
+        print(f"{sysname:8s} {dom:6s} {c:2d} {len(ss):6d}  {sum(s['plain'] for s in ss) / len(ss):8.0%}  {rows / len(ss):7.2f}"
+              f"  {sum(s['verify_tokens'] for s in ss) / rows:17.2f}  {sum(sum(s['emitted']) for s in ss) / rows:11.2f}"
+              f"  {t / len(ss):13.3f}  {sum(s['draft_s'] for s in ss) / t:11.1%}  {sum(sum(s['emitted']) for s in ss) / t:9.1f}")
 
 
 def compare_plain(steps: list[dict], forwards: list[dict]) -> None:
@@ -72,4 +114,4 @@ def compare_plain(steps: list[dict], forwards: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
