@@ -59,6 +59,17 @@ def test_corpus_training_end_to_end(tiny_target, tmp_path) -> None:  # noqa: F81
     assert [e["step"] for e in log if "eval" in e] == [10, 20, 30]
     assert all(p.stat().st_mtime == t for p, t in mtime.items())  # the cache was reused, not rebuilt
     assert torch.equal(DSparkDrafter.from_pretrained(str(out)).token_map, d.token_map)  # kept across resume
+    # --init-from: a trained drafter (no train state needed) trained further with a fresh schedule;
+    # its architecture and token map come from the checkpoint, not from the flags
+    more = tmp_path / "more"
+    args = [x if x != str(out) else str(more) for x in common]
+    args[args.index("--markov-rank") + 1] = "16"  # ignored: the checkpoint's config wins
+    assert main(args + ["--steps", "10", "--init-from", str(out)]) == 0
+    e = DSparkDrafter.from_pretrained(str(more))
+    assert e.config.markov_rank == 8 and torch.equal(e.token_map, d.token_map)
+    assert e.config.extra["dspark_training"]["init_from"] == os.path.abspath(out)
+    log = [json.loads(x) for x in open(more / ".train" / "train_log.jsonl")]
+    assert [x["step"] for x in log if "eval" in x] == [10]
 
 
 def test_topk_probs_exact_and_token_map() -> None:
