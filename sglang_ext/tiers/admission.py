@@ -21,12 +21,10 @@ A request of tier T starts when
       U's requests predicted at (1 + margin) x its speed target (its running requests and its
       last 16 finished ones, each at its own τ / period(B)) must not fall below both 95 % and
       the share at B (U's queued requests count as running). Until U has 4 known requests its
-      mean τ must keep (1 + margin) x target at B+1. T itself: once 4 of T's requests are known,
-      the share of them predicted at (1 + margin) x target at B+1 must reach 95 % or, if less,
-      what one request at a time would give (holding T back cannot do better); before that,
-      T's mean τ must keep the target at B+1 where it keeps it at B (a promise already broken
-      at this load is not served by holding T's own requests back). A request of T is also admitted while less important requests run: those
-      stop being admitted and drain.
+      mean τ must keep (1 + margin) x target at B+1. T itself, when its promise holds at the
+      current load, must keep it at B+1 (a promise already broken at this load is not served
+      by holding T's own requests back); a request of T is also admitted while less important
+      requests run: those stop being admitted and drain.
 Starve no one: while T's share of the admissions of the last `window_s` seconds is below its
 `Tier.share_floor` (profile `min_share`; 5 % for a best-effort tier by default, 0 for a
 promised one), rules (b) and (c) do not hold T back, so every tier finishes requests in every
@@ -196,16 +194,6 @@ class TierGate:
             if u.priority == t.priority:
                 if less_important_running:
                     continue  # they drain: rule (c) holds their tiers back while u misses
-                # the share of T's own requests at target with one more running, against the most
-                # that holding T back can give (its requests one at a time): answers the drafter
-                # cannot predict need a small batch, and admitting past it makes exactly those miss
-                next_att, best_att = self.capacity.attainment(u.name, b, need), self.capacity.attainment(u.name, 1, need)
-                if next_att is not None and best_att is not None:
-                    if next_att < min(self.min_attainment, best_att):
-                        return (f"tier '{u.name}' is predicted to keep {next_att:.0%} of its requests at its "
-                                f"{target:g} tok/s target (+{self.margin:.0%} margin) with {b} requests running, "
-                                f"against {best_att:.0%} one at a time")
-                    continue
                 now_pred = self.capacity.predict(u.name, running)
                 if now_pred is None or now_pred < target:
                     continue  # already below target at this load: holding u back does not keep it

@@ -259,24 +259,3 @@ def test_per_agent_tau_and_sources_reach_the_http_side_after_the_last_step(tmp_p
     assert cap.agent_spec()["bob"] == {"accept_length": 2.0, "copy_share": 0.0,
                                        "source_share": {"session": 0.0, "shared": 0.0, "radix": 0.0, "model": 1.0}}
     assert CapacityModel(tmp_path / "none.json").agent_spec() == {}
-
-
-def test_own_tier_waits_where_one_more_would_make_its_undraftable_answers_miss() -> None:
-    # 16 recent interactive answers, 2 of them prose the drafter cannot predict (τ 1.5), the
-    # rest copies (τ 8); two running copy. 22 tok/s (20 + 10 %) needs τ >= 1.1 at B = 1 (50 ms),
-    # 1.54 at B = 2 (70 ms): one at a time every answer keeps it, a second running makes the
-    # prose ones miss (16 / 18 = 89 % < 95 %), although the tier's mean τ (7.3) keeps it at B = 8.
-    async def run() -> None:
-        cap = CapacityModel.from_report(_report({"interactive": [8.0, 8.0]}, {"interactive": [1.5] * 2 + [8.0] * 14}))
-        gate = TierGate(TIERS, capacity=cap)
-        gate.tiers["interactive"].running = 1
-        reason = gate.blocked_by("interactive")
-        assert reason is not None and "keep 89% of its requests" in reason and "against 100% one at a time" in reason
-        # answers that miss even alone (τ 1.0: 20 < 22 tok/s at B = 1) are not served by holding
-        # the tier back: 16 / 18 keep it at B = 1 and at B = 3 alike, so a third is admitted
-        cap = CapacityModel.from_report(_report({"interactive": [8.0, 8.0]}, {"interactive": [1.0] * 2 + [8.0] * 14}))
-        gate = TierGate(TIERS, capacity=cap)
-        gate.tiers["interactive"].running = 2
-        assert gate.blocked_by("interactive") is None
-
-    asyncio.run(run())
