@@ -42,6 +42,7 @@ import requests
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "prompts"
 DOMAIN_FILES = {"chat": "mt-bench.jsonl", "math": "gsm8k.jsonl", "code": "humaneval.jsonl", "mbpp": "mbpp.jsonl"}
 BOUNDS = {"bfloat16": 0.25, "float16": 0.25, "float32": 0.02}
+SPEC_PAIR = "spec vs plain"  # the audited pair; --control adds "plain@c vs plain@1" rows
 EXACT_BOUND = -1.0  # exact mode: |gap| > -1 always, so every divergence is flagged
 
 
@@ -65,7 +66,7 @@ class AuditResult:
     bound: float
     identical: int
     divergences: list[Divergence] = field(default_factory=list)
-    pair: str = "spec vs plain"  # "plain@c vs plain@1" for the control (--control)
+    pair: str = SPEC_PAIR
 
     @property
     def rate(self) -> float:
@@ -131,7 +132,7 @@ def _token_at(answer: tuple[list[int], Optional[int]], i: int) -> Optional[int]:
 
 def audit(spec_url: str, plain_url: str, prompts: list[list[int]], dtype: str, concurrency: int = 1,
           max_new: int = 128, bound: Optional[float] = None, spec_extra: Optional[dict] = None,
-          plain_concurrency: Optional[int] = None, pair: str = "spec vs plain") -> AuditResult:
+          plain_concurrency: Optional[int] = None, pair: str = SPEC_PAIR) -> AuditResult:
     """Decode `prompts` greedily on both servers at `concurrency` and score each first divergence on
     the plain server. `spec_extra`: sampling parameters added to the speculative server's requests
     only (a test uses a penalty to make a divergence that is not a tie). `plain_concurrency`: the
@@ -260,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps([{**r.summary(), "divergences": [asdict(d) for d in r.divergences]}
                                             for r in results], indent=1))
-    return 1 if any(r.flagged for r in results if r.pair == "spec vs plain") else 0
+    return 1 if any(r.flagged for r in results if r.pair == SPEC_PAIR) else 0
 
 
 if __name__ == "__main__":
