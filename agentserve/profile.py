@@ -57,6 +57,10 @@ class DrafterSpec(_Strict):
     # a step verifies drafts only if its expected tokens per second beat plain decoding's by
     # this fraction (a margin for the step-cost model's error where drafts barely pay)
     min_step_gain: float = Field(default=0.0, ge=0, le=1)
+    # what the draft gate expects of a request's next model block: "confidence" (the mean of the
+    # confidence head's expectation and the accepted count of its earlier blocks) or "accepted"
+    # (the counts alone, noisier: see sglang_ext/spec/draft_gate.py)
+    gate_estimate: Literal["confidence", "accepted"] = "confidence"
 
     @field_validator("shared_index", mode="before")
     @classmethod

@@ -75,7 +75,8 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
     w.sps.observe(n_tokens, stats.verify_s, inp.kv)
     w.gate.observe_draft(len(prop.model_rows), stats.draft_s)
     for i in prop.model_rows:
-        w.gate.observe_model(rids[i], stats.accepted[i])
+        expected = sum(prefix_products(prop.conf[i, : lens[i]].tolist())) if prop.conf is not None else None
+        w.gate.observe_model(rids[i], stats.accepted[i], expected)
     _learn_copies(w, inp, prop, stats, emitted)
     if worker_metrics.tracing():  # only the step trace reads these
         conf = prop.conf

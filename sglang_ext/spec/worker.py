@@ -148,7 +148,7 @@ class AgentSparkWorker(BaseSpecWorker):
         self._ragged_wanted = prof.drafter.ragged_verify
         self.min_step_gain = prof.drafter.min_step_gain
         self._ragged: Optional[bool] = None  # asked of the attention backend at the first decode step
-        self.gate = DraftGate(t_draft=self._time_drafter())  # model drafting only where it pays (draft_gate.py)
+        self.gate = DraftGate(t_draft=self._time_drafter(), estimate=prof.drafter.gate_estimate)  # model drafting only where it pays (draft_gate.py)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:

@@ -131,17 +131,25 @@ def test_repeated_prompt_drafts_from_the_radix_tree(plain_server, agentspark_ser
     # An agent retrying the same call: the second time, the radix tree holds what followed this
     # exact sequence, so the worker copies it; the output stays identical to plain decoding. Two
     # agents: the shared index is per agent, so only the radix tree (global) holds the answer.
+    # How many copied tokens each step verifies is the planner's choice from this CPU's measured
+    # step costs (a CPU whose kernels make 3-token steps dear verifies one per step, as a CI
+    # machine did), so the checks are the source, its acceptance and a floor, not a width.
     body = {"text": chat("Write a Python class for a bank account with deposit and withdraw methods."),
             "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
     ref = gen(plain_server.url, body)
     first = gen(agentspark_server.url, body, agent="radix-first")
-    before = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    acc0 = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    ver0 = _source_counts(agentspark_server.url, "agentserve:spec_source_verified_drafts_total")
     again = gen(agentspark_server.url, body, agent="radix-again")
-    after = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    acc1 = _source_counts(agentspark_server.url, "agentserve:spec_source_accepted_drafts_total")
+    ver1 = _source_counts(agentspark_server.url, "agentserve:spec_source_verified_drafts_total")
     assert first["output_ids"] == ref["output_ids"] and again["output_ids"] == ref["output_ids"]
-    copied = after["radix"] - before["radix"]
-    assert copied >= 0.5 * len(ref["output_ids"]), (copied, before, after)
-    assert again["meta_info"]["spec_accept_length"] > 3.0, again["meta_info"]
+    copied = acc1["radix"] - acc0["radix"]
+    accepted = sum(acc1[s] - acc0[s] for s in acc1)
+    assert copied >= 0.25 * len(ref["output_ids"]), (acc0, acc1)  # at least one per two steps
+    assert copied >= 0.8 * accepted, (acc0, acc1)  # the radix tree, not the drafter, supplied them
+    assert copied >= 0.9 * (ver1["radix"] - ver0["radix"]), (ver0, ver1)  # and they were right
+    assert again["meta_info"]["spec_accept_length"] > 1.5, again["meta_info"]
 
 
 def _counter(url: str, name: str) -> float:

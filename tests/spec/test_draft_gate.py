@@ -42,6 +42,30 @@ def test_skipped_request_is_probed_less_and_less_often() -> None:
     assert gate.expected("chat") == gate.global_acc
 
 
+def test_the_confidence_expectation_keeps_a_paying_request_drafting() -> None:
+    # Blocks of a request whose mean pays (1.1 accepted, the cost needs 0.6): half accept
+    # nothing, a few accept several, and the confidence head expects about 1.1 for each. The
+    # counts alone dip below the threshold after a few empty blocks and the request is skipped;
+    # averaged with the head's expectation the estimate stays above it.
+    counts = [0, 2, 0, 0, 0, 3, 0, 1, 0, 0, 4, 0, 0, 0, 2, 1]  # mean 0.81
+    def skips(estimate: str) -> int:
+        gate = DraftGate(prior_accepted=1.1, ema=0.3, estimate=estimate)  # type: ignore[arg-type]
+        gate.observe_draft(drafted_rows=1, draft_s=0.01)
+        n = 0
+        for c in counts:
+            n += gate.decide("r", T_TOKEN, 0.02) == "skip"  # cost 0.03 s: pays above 0.6 accepted
+            gate.observe_model("r", c, expected=1.1)
+        return n
+    assert skips("accepted") >= 4
+    assert skips("confidence") == 0
+    # without an expectation (a drafter without a confidence head) the count is the sample
+    gate = DraftGate(prior_accepted=1.0, ema=1.0)
+    gate.observe_model("r", 0, expected=None)
+    assert gate.expected("r") == 0.0
+    gate.observe_model("r", 0, expected=2.0)
+    assert gate.expected("r") == 1.0
+
+
 def test_draft_time_is_an_ema_per_drafted_request() -> None:
     gate = DraftGate(time_ema=0.5)
     gate.observe_draft(drafted_rows=0, draft_s=1.0)  # nothing drafted: nothing learned
