@@ -40,7 +40,7 @@ class ModelSpec(_Strict):
 class DrafterSpec(_Strict):
     algorithm: Algorithm = "none"
     path: str | None = Field(default=None, description="drafter checkpoint directory (agentspark)")
-    num_draft_tokens: int = Field(default=8, ge=2, le=64, description="verify width: draft block + 1")
+    num_draft_tokens: int = Field(default=8, ge=2, le=64, description="verify width: the longest copied draft + 1 (the model drafts its trained block, at most this - 1)")
     # copied drafts from the session's suffix index (and, with radix_tree, from SGLang's radix
     # tree: what followed this exact sequence in an earlier request)
     radix_drafting: bool = True
@@ -127,6 +127,11 @@ class Tier(_Strict):
     # last window is below this, its next request starts whatever more important tiers need.
     # null: BEST_EFFORT_MIN_SHARE for a best-effort tier, 0 for a promised one.
     min_share: float | None = Field(default=None, ge=0, lt=1, description="least share of admissions kept for this tier")
+    # How a new request of this tier is priced before it starts: "expected_speed" at the tier's
+    # tokens per step so far (most answers keep the target, more run at once); "plain_speed" at
+    # plain decoding's (a request's drafts are unknown until it runs, so every admitted answer
+    # keeps the target whatever it copies; fewer run at once).
+    admit_at: Literal["expected_speed", "plain_speed"] = "expected_speed"
 
     @field_validator("target_tokens_per_s", "target_ttft_s", "queue_timeout_s", "min_share", mode="before")
     @classmethod

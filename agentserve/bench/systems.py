@@ -42,7 +42,8 @@ def split_system(system: str) -> tuple[str, dict[str, object]]:
 
 def with_overrides(prof: Profile, system: str) -> Profile:
     """The profile with the system's '@field=value' overrides, validated like a profile file (a bad
-    field or value names itself); a dotted key sets a nested field: drafter.path=drafters/new."""
+    field or value names itself); a dotted key sets a nested field: drafter.path=drafters/new, and
+    an item of a list by its name or index: interactivity_tiers.interactive.admit_at=plain_speed."""
     fields = split_system(system)[1]
     if not fields:
         return prof
@@ -51,7 +52,16 @@ def with_overrides(prof: Profile, system: str) -> Profile:
         *path, leaf = key.split(".")
         node = data
         for part in path:
-            if not isinstance(node.get(part), dict):
+            if isinstance(node, list):  # a list item by its name, else by its index
+                named = [x for x in node if isinstance(x, dict) and x.get("name") == part]
+                if named:
+                    node = named[0]
+                    continue
+                if part.isdigit() and int(part) < len(node):
+                    node = node[int(part)]
+                    continue
+                raise ValueError(f"--systems: '{key}' in '{system}': no item '{part}' in that list")
+            if not isinstance(node.get(part), (dict, list)):
                 raise ValueError(f"--systems: '{key}' in '{system}': '{part}' is not a profile section")
             node = node[part]
         node[leaf] = val

@@ -199,22 +199,23 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
 def _model_drafts(w: AgentSparkWorker, inp: StepInputs, prop: Proposal) -> None:
     assert w.drafter is not None and w.contexts is not None
     assert prop.drafts is not None and prop.conf is not None and prop.max_len is not None
-    g, rows = w.copy_block, prop.model_rows
+    # the model's block is its trained size; copies may use the whole verify width (copy_block)
+    b, rows = w.block, prop.model_rows
     idx = torch.tensor(rows, device=w.device)
     ctxs = []
     for i, a in zip(rows, inp.seq_lens[idx].tolist()):
         w.contexts.trim(inp.rids[i], a)  # positions from the anchor on are redone
         ctxs.append(w.contexts.get(inp.rids[i]))
-    keyed = {k: inp.noise.block(i, g, w.vocab) for k, i in enumerate(rows) if inp.noise.seeds[i] is not None}
+    keyed = {k: inp.noise.block(i, b, w.vocab) for k, i in enumerate(rows) if inp.noise.seeds[i] is not None}
     blk = w.drafter.draft_block(ctxs, inp.anchors[idx], inp.seq_lens[idx], inp.sampling.index(idx),
                                 generator=w.generator, gumbel=keyed or None)
-    prop.drafts[idx] = blk.tokens[:, :g]
+    prop.drafts[idx, :b] = blk.tokens[:, :b]
     mconf = blk.confidences if blk.confidences is not None else torch.full_like(blk.tokens, 0.5, dtype=torch.float)
-    prop.conf[idx] = mconf[:, :g].float()
-    prop.max_len[idx.cpu()] = g
+    prop.conf[idx, :b] = mconf[:, :b].float()
+    prop.max_len[idx.cpu()] = b
     # one-hot rows for copied drafts: their proposal is deterministic
     q = torch.nn.functional.one_hot(prop.drafts, blk.q_probs.shape[-1]).float()
-    q[idx] = blk.q_probs[:, :g].float()
+    q[idx, :b] = blk.q_probs[:, :b].float()
     prop.q_probs = q
 
 

@@ -125,7 +125,8 @@ class AgentSparkWorker(BaseSpecWorker):
         self.contexts: Optional[LazyContexts] = LazyContexts(self.drafter, self.device) if self.drafter is not None else None
         # Radix/session-aware drafting: copied continuations from what the session already holds.
         self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry(shared=prof.drafter.shared_index) if prof.drafter.radix_drafting else None
-        self.copy_block = self.block if self.drafter is not None else self.max_width - 1
+        # copies may fill the whole verify width; the model drafts its trained block (<= it)
+        self.copy_block = self.max_width - 1
         no_model = None if self.drafter is not None else [0.0] * self.copy_block
         self.choosers = {regime: HybridChoice(CopySurvival(), block_size=self.copy_block, model_prior=no_model)
                          for regime in ("greedy", "sampled")}

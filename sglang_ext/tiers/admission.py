@@ -24,7 +24,10 @@ A request of tier T starts when
       mean τ must keep (1 + margin) x target at B+1. T itself, when its promise holds at the
       current load, must keep it at B+1 (a promise already broken at this load is not served
       by holding T's own requests back); a request of T is also admitted while less important
-      requests run: those stop being admitted and drain.
+      requests run: those stop being admitted and drain. A tier with `admit_at: plain_speed`
+      prices its new request at plain decoding's speed at B+1 (one token per step): how fast
+      it will copy is unknown until it runs, and an answer the drafter cannot predict makes
+      only that, so every admitted answer keeps the promise whatever it drafts.
 Starve no one: while T's share of the admissions of the last `window_s` seconds is below its
 `Tier.share_floor` (profile `min_share`; 5 % for a best-effort tier by default, 0 for a
 promised one), rules (b) and (c) do not hold T back, so every tier finishes requests in every
@@ -178,6 +181,13 @@ class TierGate:
             return None  # an idle server always takes the request
         b = running + 1
         less_important_running = any(u.priority > t.priority and u.running > 0 for u in self.tiers.values())
+        if t.tier.admit_at == "plain_speed" and t.tier.target_tokens_per_s is not None:
+            need = (1 + self.margin) * t.tier.target_tokens_per_s
+            p = self.capacity.period(b)
+            if p is not None and 1.0 / p < need:
+                return (f"tier '{t.name}' admits at plain decoding's speed (admit_at: plain_speed): "
+                        f"{1.0 / p:.1f} tok/s per user with {b} requests running, below its "
+                        f"{t.tier.target_tokens_per_s:g} tok/s target (+{self.margin:.0%} margin)")
         for u in sorted(self.tiers.values(), key=lambda u: u.priority):
             target = u.tier.target_tokens_per_s
             if u.priority > t.priority or target is None or (count[u.name] == 0 and u is not t):

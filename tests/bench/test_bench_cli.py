@@ -91,3 +91,11 @@ def test_a_bench_system_takes_profile_overrides_and_names_a_bad_field() -> None:
         system_profile(base, "dspark@drafter.nope=1")
     with pytest.raises(ValueError, match="not FIELD=VALUE"):
         system_profile(base, "dspark@drafter.path")
+    # a list item by its name or index (tiers)
+    name = base.interactivity_tiers[0].name
+    assert system_profile(base, f"plain@interactivity_tiers.{name}.admit_at=plain_speed").interactivity_tiers[0].admit_at == "plain_speed"
+    assert system_profile(base, "plain@interactivity_tiers.0.queue_timeout_s=7").interactivity_tiers[0].queue_timeout_s == 7
+    with pytest.raises(ValueError, match="no item 'nope'"):
+        system_profile(base, "plain@interactivity_tiers.nope.admit_at=plain_speed")
+    with pytest.raises(Exception, match="admit_at"):
+        system_profile(base, f"plain@interactivity_tiers.{name}.admit_at=always")

@@ -89,3 +89,26 @@ def test_sessions_the_http_layer_ended_lose_their_draft_index() -> None:
     assert reg.get("session:b", create=False) is not None  # not ended
     assert reg.get("session:c", create=False) is not None  # a request of it still runs
     assert ended_sessions(SimpleNamespace(sampling_params=SimpleNamespace(custom_params={}))) == []
+
+
+def test_model_rows_draft_their_trained_block_inside_a_wider_copy_width() -> None:
+    # num_draft_tokens 16 with a drafter trained on blocks of 3: copy rows may verify 15, the
+    # model's rows carry its 3 drafts (their q, their confidences) and verify at most those
+    b, g, vocab = 3, 6, 11
+    blk = SimpleNamespace(tokens=torch.tensor([[1, 2, 3]]), confidences=torch.tensor([[0.9, 0.8, 0.7]]),
+                          q_probs=torch.softmax(torch.randn(1, b, vocab), -1))
+    w = SimpleNamespace(block=b, copy_block=g, device="cpu", vocab=vocab, generator=None,
+                        drafter=SimpleNamespace(draft_block=lambda *a, **k: blk),
+                        contexts=SimpleNamespace(trim=lambda rid, a: None, get=lambda rid: None))
+    inp = SimpleNamespace(rids=["c", "m"], seq_lens=torch.tensor([10, 12]), anchors=torch.tensor([4, 5]),
+                          sampling=SimpleNamespace(index=lambda idx: None),
+                          noise=SimpleNamespace(seeds=[None, None]))
+    prop = P.Proposal([None, None], copy_rows=[0], model_rows=[1],
+                      drafts=torch.zeros(2, g, dtype=torch.long), conf=torch.zeros(2, g),
+                      max_len=torch.tensor([g, 0]))
+    prop.drafts[0] = torch.tensor([7, 7, 7, 7, 7, 7])
+    P._model_drafts(w, inp, prop)  # type: ignore[arg-type]
+    assert prop.drafts[1].tolist() == [1, 2, 3, 0, 0, 0] and prop.max_len.tolist() == [g, b]
+    assert prop.conf[1, :b].tolist() == pytest.approx([0.9, 0.8, 0.7]) and prop.conf[1, b:].sum() == 0
+    assert prop.q_probs is not None and prop.q_probs.shape == (2, g, vocab)
+    assert torch.equal(prop.q_probs[1, :b], blk.q_probs[0]) and prop.q_probs[0, :, 7].sum() == g  # copy rows one-hot

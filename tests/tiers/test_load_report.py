@@ -259,3 +259,26 @@ def test_per_agent_tau_and_sources_reach_the_http_side_after_the_last_step(tmp_p
     assert cap.agent_spec()["bob"] == {"accept_length": 2.0, "copy_share": 0.0,
                                        "source_share": {"session": 0.0, "shared": 0.0, "radix": 0.0, "model": 1.0}}
     assert CapacityModel(tmp_path / "none.json").agent_spec() == {}
+
+
+def test_a_tier_admitting_at_plain_speed_starts_only_what_plain_decoding_keeps_on_target() -> None:
+    # period(B) = 20 ms + 10 ms x B; the tier copies 4 tokens a step (τ 4), target 20 tok/s (+10 %):
+    # priced at its τ, B = 4 makes 4 / 0.06 = 67 tok/s; at plain speed only B <= 2 (1 / 0.04 = 25)
+    report = {"period": {str(b): 0.02 + 0.01 * b for b in range(1, 9)}, "count": {str(b): 9 for b in range(1, 9)},
+              "tau": {"interactive": 4.0}, "forward": {}}
+    strict = Tier(name="interactive", target_tokens_per_s=20.0, admit_at="plain_speed")
+
+    async def run(tier: Tier) -> int:
+        gate = TierGate([tier], capacity=CapacityModel.from_report(report), margin=0.1)
+        n = 0
+        while n < 8 and gate.blocked_by("interactive") is None:
+            await gate.admit("interactive")
+            n += 1
+        return n
+
+    assert asyncio.run(run(TIERS[0].model_copy(update={"target_tokens_per_s": 20.0}))) == 8
+    assert asyncio.run(run(strict)) == 2
+    gate = TierGate([strict], capacity=CapacityModel.from_report(report), margin=0.1)
+    asyncio.run(gate.admit("interactive"))
+    asyncio.run(gate.admit("interactive"))
+    assert "admit_at: plain_speed" in (gate.blocked_by("interactive") or "")
