@@ -17,9 +17,10 @@ SYSTEMS: dict[str, DrafterSpec] = {
     # our worker, model drafts only
     "dspark": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=8, radix_drafting=False),
     # our worker, model drafts + copied continuations from the session index
-    "hybrid": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=8, radix_drafting=True),
+    # (copies verify up to 15 tokens a step, the model its block of 7: docs/bench-cpu/copy-width)
+    "hybrid": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=16, radix_drafting=True),
     # ablation: hybrid with every row padded to the step's widest (SGLang's uniform verify layout)
-    "hybrid_padded": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=8, radix_drafting=True,
+    "hybrid_padded": DrafterSpec(algorithm="agentspark", path=DRAFTER, num_draft_tokens=16, radix_drafting=True,
                                  ragged_verify=False),
     # SGLang's own DSPARK worker (CUDA/NPU/XPU only: a GPU baseline)
     "upstream": DrafterSpec(algorithm="dspark", path=FULL_VOCAB_DRAFTER, num_draft_tokens=8),

@@ -15,6 +15,14 @@ then on picks the fastest per M bucket (one row always stays in bf16, which read
 bytes of fp32 and was the faster single-row kernel with cold caches). Where native bf16 GEMM is fast (AVX512-BF16, AMX), the bf16 kernel
 wins the timing and nothing changes.
 
+How it times matters. At start-up (`calibrate`) each shape is timed as a forward uses it: one
+pass over every weight of that shape in the model (30 layers' worth), so the weights stream from
+memory as they do between layers. Timing one weight, even after evicting the caches, is not
+that: on the AMX VM one 576x3072 product picked the fp32 copy at 2-8 rows, while a pass over the
+model's weights costs 27-28 ms in bf16 at 1-16 rows against 29-61 ms with those fp32 copies
+(twice the bytes), so every verify step and every decode batch of the speculative and the plain
+server paid up to 2x for its weight products (scripts/matmul_pass.py reproduces the pass).
+
 The fp32 weights are copies of the bf16 ones, made once per layer on first use, within a
 memory budget (`budget_bytes`, default a quarter of the memory available then); layers past it
 keep the bf16 kernel. Each output element is the same dot product of bf16 values, accumulated
@@ -133,7 +141,10 @@ class GemmChooser:
                                 "the tolerance on this CPU; not used there", n, k, KIND_NAMES[kind], m, err)
         return ok
 
-    def measure(self, w: torch.Tensor) -> tuple[int, ...]:
+    def measure(self, w: torch.Tensor, group: Optional[list[torch.Tensor]] = None) -> tuple[int, ...]:
+        """Kernel per row-count bucket for w's shape. `group`: every weight of that shape in the
+        model; each kernel is then timed over a pass through all of them, as a forward reads
+        them (module docstring), else over w alone."""
         n, k = w.shape
         ok = self.verify(w)
         if NATIVE not in ok[1]:
@@ -143,22 +154,30 @@ class GemmChooser:
             log.info("cpu_matmul %dx%d: fp32_t from 2 rows (cpu_matmul: fp32), checked against float64", n, k)
             self.one_row[(n, k)] = self._fallback(NATIVE, ok[1], n, k, 1)
             return kinds
-        w32 = w.detach().float()
+        ws = [g.detach() for g in group] if group else [w.detach()]
+        w32s = [g.float() for g in ws]  # timing copies; weight32 makes the kept ones
+
+        def run(c: int, x: torch.Tensor) -> None:
+            for wi, wi32 in zip(ws, w32s):
+                _run(c, x, wi, wi32)
+
         kinds = []
         native_out = False  # the native kernel grows ~linearly in M here: stop timing it
+        fp32_out = False  # the fp32 copies lose by far (native bf16 GEMM): stop timing them
         for m in self.buckets:
             x = torch.randn(m, k, dtype=w.dtype)
-            cands = ok[m] - {NATIVE}
-            t = {c: _time(lambda c=c: _run(c, x, w, w32), self.reps) for c in cands}
+            cands = set() if fp32_out and NATIVE in ok[m] else ok[m] - {NATIVE}
+            t = {c: _time(lambda c=c: run(c, x), self.reps) for c in cands}
             t_native = (float("inf") if native_out or NATIVE not in ok[m]
-                        else _time(lambda: _run(NATIVE, x, w, w32), self.reps))
+                        else _time(lambda: run(NATIVE, x), self.reps))
             best = min(t, key=t.get) if t else NATIVE
             chosen = best if t and t[best] < MARGIN * t_native else NATIVE
             kinds.append(self._fallback(chosen, ok[m], n, k, m))
             native_out = native_out or (bool(t) and t_native > 2 * t[best])
+            fp32_out = fp32_out or (bool(t) and t[best] > 1.5 * t_native)
         self.one_row[(n, k)] = self._fallback(NATIVE, ok[1], n, k, 1)
-        log.info("cpu_matmul %dx%d: kernel per row count %s (each checked against float64)", n, k,
-                 {m: KIND_NAMES[c] for m, c in zip(self.buckets, kinds)})
+        log.info("cpu_matmul %dx%d: kernel per row count %s (each checked against float64; timed over %d "
+                 "weight(s) of this shape)", n, k, {m: KIND_NAMES[c] for m, c in zip(self.buckets, kinds)}, len(ws))
         return tuple(kinds)
 
     @staticmethod
@@ -237,11 +256,17 @@ class GemmChooser:
     def calibrate(self, model: torch.nn.Module) -> None:
         """Measure every bf16 CPU linear shape of a loaded model now (start-up), not during a
         request: SGLang's unquantized linears and LM head, and plain torch Linear layers."""
+        groups: dict[tuple[int, int], list[torch.Tensor]] = {}
         for mod in model.modules():
             w = getattr(mod, "weight", None)
             if (is_linear(mod) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
                     and w.dtype == torch.bfloat16 and not getattr(mod, "use_intel_amx_backend", False)):
-                self.kind(self.min_rows, w)
+                group = groups.setdefault((int(w.shape[0]), int(w.shape[1])), [])
+                if all(g.data_ptr() != w.data_ptr() for g in group):  # a tied weight is read once
+                    group.append(w)
+        for shape, group in groups.items():
+            if shape not in self.kinds:
+                self.kinds[shape] = self.measure(group[0], group)
 
 
 def is_linear(mod: torch.nn.Module) -> bool:

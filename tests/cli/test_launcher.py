@@ -36,7 +36,7 @@ def test_cpu_demo_plan() -> None:
 def test_speculative_and_gpu_plans() -> None:
     spark = build_plan(load_profile(REPO / "profiles" / "cpu-dspark.yaml"))
     assert flag(spark.argv, "--speculative-algorithm") == "AGENTSPARK"
-    assert flag(spark.argv, "--speculative-num-draft-tokens") == "8" and "--disable-overlap-schedule" in spark.argv
+    assert flag(spark.argv, "--speculative-num-draft-tokens") == "16" and "--disable-overlap-schedule" in spark.argv
     assert json.loads(Path(spark.env["AGENTSERVE_PROFILE"]).read_text())["drafter"]["path"].endswith("drafters/smollm2-135m-dspark-corpus")
     # radix drafting walks the radix tree, which only the Python tree core exposes
     assert spark.env["SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"] == "python"

@@ -133,3 +133,23 @@ def test_accelerate_routes_torch_linears_and_leaves_training_alone() -> None:
         assert net[0].weight.grad is not None and cm.chooser().used == used
     finally:
         cm._chooser = None
+
+
+def test_calibrate_times_each_shape_over_all_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a forward reads every layer's weight from memory: the timing pass covers all weights of a
+    # shape (a tied weight once), not one weight the caches may hold
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 64, bias=False) for _ in range(3)],
+                                torch.nn.Linear(64, 16, bias=False)).to(torch.bfloat16)
+    model[2].weight = model[1].weight  # tied
+    seen: dict[tuple[int, int], int] = {}
+    ch = cm.GemmChooser(budget_bytes=1 << 30, reps=1, buckets=(2, 4))
+    real = ch.measure
+
+    def measure(w: torch.Tensor, group: list[torch.Tensor] | None = None) -> tuple[int, ...]:
+        seen[tuple(w.shape)] = len(group or [w])
+        return real(w, group)
+
+    monkeypatch.setattr(ch, "measure", measure)
+    ch.calibrate(model)
+    assert seen == {(64, 32): 2, (16, 64): 1}
+    assert set(ch.kinds) == {(64, 32), (16, 64)} and all(len(k) == 2 for k in ch.kinds.values())
