@@ -40,7 +40,7 @@ def parse_list(ap: argparse.ArgumentParser, flag: str, value: str, kind: type) -
 
 def parse_systems(ap: argparse.ArgumentParser, value: str, known: Iterable[str]) -> list[str]:
     systems = [s.strip() for s in value.split(",") if s.strip()]
-    unknown = [s for s in systems if s.split("@")[0] not in set(known)]  # NAME[@field=value...]
+    unknown = [s for s in systems if s.split("@")[0].partition("#")[0] not in set(known)]  # NAME[#run][@field=value...]
     if unknown or not systems:
         ap.error(f"--systems: unknown {unknown}; choose from {sorted(known)}")
     return systems

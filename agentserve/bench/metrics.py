@@ -97,11 +97,33 @@ def summary(records: Sequence[RequestRecord], window: tuple[float, float] | None
             "refused": len(records) - len(done), "tokens": sum(r.tokens for r in done), "makespan_s": makespan(records)}
 
 
+def is_plain(system: str) -> bool:
+    """Plain decoding with no overrides: 'plain', or 'plain#2' (plain run again later in the
+    same invocation: on a machine whose speed drifts, the faster of the two is the baseline)."""
+    return system.partition("#")[0] == "plain" and "@" not in system
+
+
+def drift(rows: list[dict[str, Any]], keys: Sequence[str], first: str = "plain", again: str = "plain#2"
+          ) -> list[dict[str, Any]]:
+    """Per cell (`keys`), the second plain run against the first: total tok/s and mean
+    end-to-end latency of `again` ÷ `first`. 1.0 means the machine ran at the same speed at the
+    end of the run as at its start; every other system's ratio is uncertain by about as much."""
+    by = {(tuple(r[k] for k in keys), r["system"]): r for r in rows}
+    out = []
+    for (cell, system), r in by.items():
+        if system != first or (cell, again) not in by:
+            continue
+        b = by[(cell, again)]
+        out.append({**dict(zip(keys, cell)), "total_ratio": _ratio(b["total_tps"], r["total_tps"]),
+                    "e2e_ratio": _ratio(b["e2e_mean"], r["e2e_mean"])})
+    return out
+
+
 def _ratio(x: float | None, base: float | None) -> float | None:
     return x / base if x is not None and base else None
 
 
-def add_ratios(rows: list[dict[str, Any]], keys: Sequence[str], is_base: Callable[[str], bool] = lambda s: s == "plain"
+def add_ratios(rows: list[dict[str, Any]], keys: Sequence[str], is_base: Callable[[str], bool] = is_plain
                ) -> list[dict[str, Any]]:
     """Each row's ratios to the base system's row with the same `keys` (where several systems
     are base, e.g. plain and plain+mixed, the one with the highest total throughput)."""
@@ -120,7 +142,7 @@ def add_ratios(rows: list[dict[str, Any]], keys: Sequence[str], is_base: Callabl
     return rows
 
 
-def group_rows(records: Sequence[RequestRecord], keys: Sequence[str], is_base: Callable[[str], bool] = lambda s: s == "plain"
+def group_rows(records: Sequence[RequestRecord], keys: Sequence[str], is_base: Callable[[str], bool] = is_plain
                ) -> list[dict[str, Any]]:
     """One row per distinct (keys..., system) of the records' labels, in first-seen order of
     systems, with the headline first, then the secondary columns, and ratios to the base."""

@@ -53,6 +53,16 @@ def print_report(rows: Sequence[dict[str, Any]], keys: Sequence[str], machine_de
         print(line)
 
 
+def print_drift(drift: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    """plain#2 ÷ plain per cell: how much faster or slower the machine ran at the end of the run."""
+    print("\ndrift: plain run again at the end ÷ plain at the start (total tok/s, mean end-to-end latency); "
+          "the other systems' ratios are against the faster of the two")
+    for d in drift:
+        labels = " ".join(f"{k}={d[k]:g}" if isinstance(d[k], float) else f"{k}={d[k]}" for k in keys)
+        print(f"  {labels}: total tok/s x{_cell(d['total_ratio'], 5, '.2f').strip()}, "
+              f"e2e x{_cell(d['e2e_ratio'], 5, '.2f').strip()}")
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
     import matplotlib.pyplot as plt

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_warmup(ap)
     ap.add_argument("--quick", action="store_true",
                     help="2 prompts per domain, 32 tokens, concurrency 1,4, agent prompts <= 1024 tokens unless given")
+    ap.add_argument("--bracket", action="store_true",
+                    help="run plain again after the other systems (as 'plain#2'): ratios count against the faster "
+                         "plain run of each cell, and the report prints plain#2 ÷ plain, how far the machine's speed "
+                         "drifted during the run")
     ap.add_argument("--out", default="bench_out")
     return ap
 
@@ -136,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.max_agent_prompt is None:
             a.max_agent_prompt = 1024
     systems = parse_systems(ap, a.systems, SYSTEMS)
+    if a.bracket:
+        if "plain" not in systems:
+            ap.error("--bracket: runs 'plain' again at the end; --systems must include plain")
+        systems.append("plain#2")
     concs = parse_list(ap, "--concurrency", a.concurrency, int)
     temps = parse_list(ap, "--temperature", str(a.temperature), float)
     domains = [d for d in a.domains.split(",") if d]
@@ -170,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {s}: healthy after {starts[s]:.0f}s, resident memory {rss[s] / 2**30:.2f} GiB", file=sys.stderr)
     rows = summarize(records, spec)
     report.print_report(rows, KEYS, machine, a.warmup_s)
+    drift = metrics.drift(rows, KEYS) if a.bracket else []
+    if drift:
+        report.print_drift(drift, KEYS)
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "mode": "warm" if a.warmup_s else "cold", "settings": vars(a), "columns": list(rows[0]),
-         "summary": rows, "requests": [r.to_json() for r in records], "spec": spec, "start_seconds": starts,
-         "rss_bytes": rss}, indent=1))
+         "summary": rows, "drift": drift, "requests": [r.to_json() for r in records], "spec": spec,
+         "start_seconds": starts, "rss_bytes": rss}, indent=1))
     from agentserve.bench.plots import plot_spec
 
     for p in plot(rows, out, machine) + plot_spec(spec, out, machine):

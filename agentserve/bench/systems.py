@@ -32,6 +32,7 @@ def split_system(system: str) -> tuple[str, dict[str, object]]:
     import yaml
 
     name, *sets = system.split("@")
+    name = name.partition("#")[0]  # 'plain#2': the same system run again (bench serve --bracket)
     fields: dict[str, object] = {}
     for item in sets:
         key, eq, val = item.partition("=")

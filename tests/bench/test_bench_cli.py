@@ -99,3 +99,27 @@ def test_a_bench_system_takes_profile_overrides_and_names_a_bad_field() -> None:
         system_profile(base, "plain@interactivity_tiers.nope.admit_at=plain_speed")
     with pytest.raises(Exception, match="admit_at"):
         system_profile(base, f"plain@interactivity_tiers.{name}.admit_at=always")
+
+
+def test_bracket_runs_plain_again_as_the_same_system() -> None:
+    from agentserve.bench.serve import build_parser
+    from agentserve.bench.systems import SYSTEMS, split_system, system_profile
+    from agentserve.bench.args import parse_systems
+    from agentserve.profile import load_profile
+
+    base = load_profile(Path(__file__).resolve().parents[2] / "profiles" / "cpu-demo.yaml")
+    assert split_system("plain#2") == ("plain", {})
+    assert system_profile(base, "plain#2") == system_profile(base, "plain")
+    ap = build_parser()
+    assert parse_systems(ap, "plain,hybrid,plain#2", SYSTEMS) == ["plain", "hybrid", "plain#2"]
+    assert ap.parse_args(["--bracket"]).bracket is True
+    with pytest.raises(SystemExit):
+        parse_systems(ap, "nope#2", SYSTEMS)
+
+
+def test_bracket_needs_plain_among_the_systems(capsys) -> None:
+    from agentserve.bench.serve import main
+
+    with pytest.raises(SystemExit):
+        main(["--bracket", "--systems", "hybrid", "--out", "/nonexistent/never-written"])
+    assert "--bracket" in capsys.readouterr().err

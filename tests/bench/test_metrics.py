@@ -72,3 +72,18 @@ def test_no_plain_no_ratio_and_the_fastest_base_wins() -> None:
           rec("tier_aware", 0, 1, 2, 82, concurrency=2)]
     rows = metrics.group_rows(rs, ("concurrency",), is_base=lambda s: s.startswith("plain"))
     assert rows[2]["total_ratio"] == pytest.approx(2.0)  # against plain+mixed (20.5 tok/s), not plain (10.25)
+
+
+def test_a_bracketing_plain_run_is_a_base_and_its_drift_is_reported() -> None:
+    # plain at the start (4 s, 31 tokens), the machine slows, plain#2 at the end (8 s): hybrid (2 s)
+    # counts against the faster plain; a plain with overrides is a system, not a base
+    rs = [rec("plain", 0, 1, 4, 31, concurrency=1), rec("hybrid", 0, 1, 2, 31, concurrency=1),
+          rec("plain@server.cpu_attention=native", 0, 1, 1, 31, concurrency=1), rec("plain#2", 0, 1, 8, 31, concurrency=1)]
+    assert metrics.is_plain("plain#2") and not metrics.is_plain("plain@server.cpu_attention=native")
+    rows = metrics.group_rows(rs, ("concurrency",))
+    assert [r["system"] for r in rows] == ["plain", "hybrid", "plain@server.cpu_attention=native", "plain#2"]
+    assert rows[1]["e2e_ratio"] == pytest.approx(2.0 / 4.0)  # the start's plain was the faster one
+    assert rows[3]["e2e_ratio"] == pytest.approx(2.0)
+    (d,) = metrics.drift(rows, ("concurrency",))
+    assert d["concurrency"] == 1 and d["e2e_ratio"] == pytest.approx(2.0) and d["total_ratio"] == pytest.approx(0.5)
+    assert metrics.drift(rows[:3], ("concurrency",)) == []  # no second plain run, no drift
