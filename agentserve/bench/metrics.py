@@ -119,6 +119,29 @@ def drift(rows: list[dict[str, Any]], keys: Sequence[str], first: str = "plain",
     return out
 
 
+POOLED = ("e2e_mean", "e2e_p95", "ttft_mean", "ttft_p95", "total_tps", "user_tps", "tau", "copy_share")
+
+
+def pool(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (keys..., system) over the processes a system ran in ('hybrid', 'hybrid#2',
+    ...): each headline value the mean of the processes' values (a process's total tok/s is over
+    its own makespan, so processes are averaged, never their requests merged), `n` and
+    `refused` summed, `processes` counted; ratios against plain's pooled row."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((*(r[k] for k in keys), r["system"].partition("#")[0]), []).append(r)
+    out = []
+    for k, rs in groups.items():
+        row: dict[str, Any] = {**dict(zip((*keys, "system"), k)), "processes": len(rs)}
+        for c in POOLED:
+            xs = [r[c] for r in rs if r.get(c) is not None]
+            row[c] = sum(xs) / len(xs) if xs else None
+        row["n"] = sum(r.get("n") or 0 for r in rs)
+        row["refused"] = sum(r.get("refused") or 0 for r in rs)
+        out.append(row)
+    return add_ratios(out, keys)
+
+
 def _ratio(x: float | None, base: float | None) -> float | None:
     return x / base if x is not None and base else None
 

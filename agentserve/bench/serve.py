@@ -125,8 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run plain again after the other systems (as 'plain#2'): ratios count against the faster "
                          "plain run of each cell, and the report prints plain#2 ÷ plain, how far the machine's speed "
                          "drifted during the run")
+    ap.add_argument("--rounds", type=positive_int, default=1,
+                    help="run the systems this many times, one round after another, each in a new server "
+                         "process ('hybrid', then 'hybrid#2', ...); prints a table pooled over the rounds too. "
+                         "On a VM where one process decodes much faster than the next, one round is one draw")
     ap.add_argument("--out", default="bench_out")
     return ap
+
+
+def expand_rounds(systems: list[str], rounds: int) -> list[str]:
+    """['plain', 'hybrid'] x 2 -> ['plain', 'hybrid', 'plain#2', 'hybrid#2']: interleaved, so a
+    machine that drifts during the run drifts under every system alike."""
+    def tagged(s: str, k: int) -> str:
+        name, at, rest = s.partition("@")  # the tag names the system, before its overrides
+        return s if k == 1 else f"{name}#{k}{at}{rest}"
+
+    return [tagged(s, k) for k in range(1, rounds + 1) for s in systems]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.bracket:
         if "plain" not in systems:
             ap.error("--bracket: runs 'plain' again at the end; --systems must include plain")
+        if a.rounds > 1:
+            ap.error("--bracket: --rounds already runs plain in every round; use one of them")
         systems.append("plain#2")
+    if any("#" in s for s in systems) and a.rounds > 1:
+        ap.error("--systems: names with '#' are the rounds' own; leave them out with --rounds")
+    systems = expand_rounds(systems, a.rounds)
     concs = parse_list(ap, "--concurrency", a.concurrency, int)
     temps = parse_list(ap, "--temperature", str(a.temperature), float)
     domains = [d for d in a.domains.split(",") if d]
@@ -178,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {s}: healthy after {starts[s]:.0f}s, resident memory {rss[s] / 2**30:.2f} GiB", file=sys.stderr)
     rows = summarize(records, spec)
     report.print_report(rows, KEYS, machine, a.warmup_s)
-    drift = metrics.drift(rows, KEYS) if a.bracket else []
+    drift = metrics.drift(rows, KEYS) if a.bracket or a.rounds > 1 else []
     if drift:
         report.print_drift(drift, KEYS)
+    pooled = metrics.pool(rows, KEYS) if a.rounds > 1 else []
+    if pooled:
+        print(f"\npooled over {a.rounds} rounds (each value the mean of the processes'; ratios against plain's pooled row)")
+        for line in report.table(pooled, KEYS):
+            print(line)
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "mode": "warm" if a.warmup_s else "cold", "settings": vars(a), "columns": list(rows[0]),
-         "summary": rows, "drift": drift, "requests": [r.to_json() for r in records], "spec": spec,
+         "summary": rows, "pooled": pooled, "drift": drift, "requests": [r.to_json() for r in records], "spec": spec,
          "start_seconds": starts, "rss_bytes": rss}, indent=1))
     from agentserve.bench.plots import plot_spec
 

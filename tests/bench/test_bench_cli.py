@@ -123,3 +123,18 @@ def test_bracket_needs_plain_among_the_systems(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--bracket", "--systems", "hybrid", "--out", "/nonexistent/never-written"])
     assert "--bracket" in capsys.readouterr().err
+
+
+def test_rounds_interleave_the_systems_in_new_processes(capsys) -> None:
+    from agentserve.bench.serve import expand_rounds, main
+
+    assert expand_rounds(["plain", "dspark@drafter.path=x"], 2) == ["plain", "dspark@drafter.path=x", "plain#2",
+                                                                     "dspark#2@drafter.path=x"]
+    from agentserve.bench.systems import split_system
+
+    assert split_system("dspark#2@drafter.path=x") == ("dspark", {"drafter.path": "x"})
+    assert expand_rounds(["plain"], 1) == ["plain"]
+    for argv in (["--rounds", "2", "--bracket"], ["--rounds", "2", "--systems", "plain,hybrid#2"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", "/nonexistent/never-written"])
+        assert "--" in capsys.readouterr().err

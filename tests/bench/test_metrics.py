@@ -87,3 +87,18 @@ def test_a_bracketing_plain_run_is_a_base_and_its_drift_is_reported() -> None:
     (d,) = metrics.drift(rows, ("concurrency",))
     assert d["concurrency"] == 1 and d["e2e_ratio"] == pytest.approx(2.0) and d["total_ratio"] == pytest.approx(0.5)
     assert metrics.drift(rows[:3], ("concurrency",)) == []  # no second plain run, no drift
+
+
+def test_rounds_pool_processes_not_requests() -> None:
+    # two plain processes (4 s and 8 s per request), two hybrid ones (2 s and 2 s): each pooled value
+    # is the mean of the processes' values; throughput is per process, never over both makespans
+    rs = [rec("plain", 0, 1, 4, 31, concurrency=1), rec("hybrid", 10, 11, 12, 31, concurrency=1),
+          rec("plain#2", 20, 21, 28, 31, concurrency=1), rec("hybrid#2", 40, 41, 42, 31, concurrency=1)]
+    rows = metrics.group_rows(rs, ("concurrency",))
+    pooled = metrics.pool(rows, ("concurrency",))
+    assert [(p["system"], p["processes"], p["n"]) for p in pooled] == [("plain", 2, 2), ("hybrid", 2, 2)]
+    plain, hybrid = pooled
+    assert plain["e2e_mean"] == pytest.approx(6.0) and hybrid["e2e_mean"] == pytest.approx(2.0)
+    assert plain["total_tps"] == pytest.approx((31 / 4 + 31 / 8) / 2)  # not 62 tokens over 28 s
+    assert hybrid["e2e_ratio"] == pytest.approx(2.0 / 6.0) and plain["e2e_ratio"] == pytest.approx(1.0)
+    assert hybrid["total_ratio"] == pytest.approx((31 / 2) / ((31 / 4 + 31 / 8) / 2))
