@@ -7,7 +7,8 @@ SGLang calls `load()` early in every server process (main, scheduler, detokenize
 2. honours per-request seeds on every device, identically with and without speculation
    (seeded_sampling.py);
 3. registers our speculative algorithms (AGENT_NGRAM, AGENTSPARK);
-4. in the HTTP process, adds agent identity and per-agent metrics (agent_api.py).
+4. in the HTTP process, adds agent identity and per-agent metrics (http/middleware.py), and
+   lets streamed tool calls keep up with chunks of several tokens (http/tool_stream.py).
 Failures are logged, never raised: a broken plugin must not take plain serving down.
 """
 
@@ -64,6 +65,9 @@ def load() -> None:
 
     if multiprocessing.parent_process() is None:
         # Only the HTTP (main) process serves requests; scheduler processes skip the import.
+        from sglang_ext.http import tool_stream
+
+        tool_stream.register()
         HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch, HookType.BEFORE)
 
 

@@ -46,9 +46,11 @@ def _streamed(c: openai.OpenAI) -> list[tuple[str, dict]]:
     names: dict[int, str] = {}
     args: dict[int, str] = collections.defaultdict(str)
     ids: dict[int, str] = {}
+    content = ""
     for ch in c.chat.completions.create(**KW, stream=True):
         if not ch.choices:
             continue
+        content += ch.choices[0].delta.content or ""
         for tc in ch.choices[0].delta.tool_calls or []:
             if tc.id:
                 ids[tc.index] = tc.id
@@ -57,6 +59,7 @@ def _streamed(c: openai.OpenAI) -> list[tuple[str, dict]]:
             if tc.function and tc.function.arguments:
                 args[tc.index] += tc.function.arguments
     assert sorted(names) == sorted(args) == sorted(ids), (names, args, ids)
+    assert "tool_call" not in content, content  # no markup leaks when a chunk splits a marker
     return [(names[i], json.loads(args[i])) for i in sorted(names)]
 
 
