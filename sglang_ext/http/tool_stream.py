@@ -58,6 +58,8 @@ def drain_chunk(step: Callable[[str], tuple[str, list[Any]]], text: str) -> tupl
 
 
 def around_parse_stream_chunk(original: Callable[..., Any], parser: Any, chunk_text: str) -> tuple[str, list[Any]]:
+    if not parser.tools and not parser.detector.parses_without_tools():
+        return original(parser, chunk_text)  # SGLang passes the text through: nothing to parse
     return drain_chunk(lambda t: original(parser, t), chunk_text)
 
 

@@ -147,3 +147,8 @@ def test_hook_targets_name_sglang_functions() -> None:
     for target in (tool_stream.CHUNK_TARGET, tool_stream.END_TARGET, tool_stream.ARRAY_TARGET):
         module, cls, fn = target.rsplit(".", 2)
         assert callable(getattr(getattr(importlib.import_module(module), cls), fn)), target
+
+
+def test_without_tools_the_text_passes_through_untouched() -> None:
+    p = FunctionCallParser([], "hermes")
+    assert fixed_chunk(p, 'Say <tool_call>{"x": 1}') == ('Say <tool_call>{"x": 1}', [])
