@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from agentserve.bench import identity, metrics
-from agentserve.bench.args import non_negative_float, parse_list, parse_systems, positive_int
+from agentserve.bench import identity, metrics, report
+from agentserve.bench.args import expand_rounds, non_negative_float, parse_list, parse_systems, positive_int
 from agentserve.bench.client import RequestRecord, close_session, open_session, send
 from agentserve.bench.public_traces import Conversation, conversation, load_complexfuncbench
 from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
@@ -198,8 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompt + max-new exceeds this")
     ap.add_argument("--max-tool-tokens", type=positive_int, default=512, help="each tool response is cut to this many tokens")
     ap.add_argument("--profile", default=str(REPO / "profiles" / "cpu-demo.yaml"), help="base profile; its drafter is replaced per system")
+    ap.add_argument("--rounds", type=positive_int, default=1,
+                    help="run the systems this many times, interleaved, each in a new server process ('hybrid', "
+                         "then 'hybrid#2', ...); prints a table pooled over the rounds and plain's drift between them")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "agents"), help="output directory (JSON)")
     return ap
+
+
+def headline(rows: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows with their ratios to plain at the same agent count, plain#k ÷ plain, pooled rows)."""
+    rs = metrics.add_ratios([{**r, "n": r["turns"]} for r in rows], ("agents",))
+    if rounds < 2:
+        return rs, [], []
+    return rs, metrics.drift(rs, ("agents",)), metrics.pool(rs, ("agents",))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     levels = parse_list(ap, "--agents", a.agents, int)
     systems = parse_systems(ap, a.systems, SYSTEMS)
+    if any("#" in s for s in systems) and a.rounds > 1:
+        ap.error("--systems: names with '#' are the rounds' own; leave them out with --rounds")
+    systems = expand_rounds(systems, a.rounds)
     base = load_profile(a.profile)
     tok = AutoTokenizer.from_pretrained(base.model.path)
     try:
@@ -232,9 +246,23 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         recs += rr
     print(table(rows))
+    ratios, drift, pooled = headline(rows, a.rounds)
+    print("\nper turn: end-to-end latency and time to first token (mean, p95, ÷ plain's), total tok/s over the level's "
+          "makespan (÷ plain's); after '|': decode-only tok/s per agent")
+    for line in report.table(ratios, ("agents",)):
+        print(line)
+    if drift:
+        report.print_drift(drift, ("agents",))
+    if pooled:
+        print(f"\npooled over {a.rounds} rounds (each value the mean of the processes'; ratios against plain's pooled row)")
+        for line in report.table(pooled, ("agents",)):
+            print(line)
 
     def write(ident: Optional[dict[str, Any]]) -> None:
         (out / "agents.json").write_text(json.dumps({"traces": info, "settings": vars(a), "runs": rows, "identity": ident,
+                                                     "ratios": [{k: r[k] for k in ("system", "agents", "e2e_ratio", "ttft_ratio",
+                                                                                   "total_ratio", "user_ratio")} for r in ratios],
+                                                     "pooled": pooled, "drift": drift,
                                                      "turns": [r.to_json() for r in recs]}, indent=1, default=str))
 
     write(None)  # the runs are kept even if the identity check fails

@@ -50,3 +50,13 @@ def add_warmup(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup-s", type=non_negative_float, default=0.0,
                     help="warm mode: send warm-up traffic (prompts no measured phase uses) to each fresh server for "
                          "this many seconds before measuring; 0 = cold (one warm-up request)")
+
+
+def expand_rounds(systems: list[str], rounds: int) -> list[str]:
+    """['plain', 'hybrid'] x 2 -> ['plain', 'hybrid', 'plain#2', 'hybrid#2']: interleaved, so a
+    machine that drifts during the run drifts under every system alike."""
+    def tagged(s: str, k: int) -> str:
+        name, at, rest = s.partition("@")  # the tag names the system, before its overrides
+        return s if k == 1 else f"{name}#{k}{at}{rest}"
+
+    return [tagged(s, k) for k in range(1, rounds + 1) for s in systems]

@@ -134,7 +134,7 @@ def pool(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]
     for k, rs in groups.items():
         row: dict[str, Any] = {**dict(zip((*keys, "system"), k)), "processes": len(rs)}
         for c in POOLED:
-            xs = [r[c] for r in rs if r.get(c) is not None]
+            xs = [r[c] for r in rs if isinstance(r.get(c), (int, float))]  # agents' copy_share is a dict
             row[c] = sum(xs) / len(xs) if xs else None
         row["n"] = sum(r.get("n") or 0 for r in rs)
         row["refused"] = sum(r.get("refused") or 0 for r in rs)

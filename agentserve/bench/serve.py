@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agentserve.bench import metrics, report
-from agentserve.bench.args import add_warmup, parse_list, parse_systems, positive_int
+from agentserve.bench.args import add_warmup, expand_rounds, parse_list, parse_systems, positive_int
 from agentserve.bench.client import RequestRecord, send, warm_up
 from agentserve.bench.prom import scrape, spec_delta
 from agentserve.bench.systems import REPO, SYSTEMS, log_name, system_profile
@@ -131,16 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "On a VM where one process decodes much faster than the next, one round is one draw")
     ap.add_argument("--out", default="bench_out")
     return ap
-
-
-def expand_rounds(systems: list[str], rounds: int) -> list[str]:
-    """['plain', 'hybrid'] x 2 -> ['plain', 'hybrid', 'plain#2', 'hybrid#2']: interleaved, so a
-    machine that drifts during the run drifts under every system alike."""
-    def tagged(s: str, k: int) -> str:
-        name, at, rest = s.partition("@")  # the tag names the system, before its overrides
-        return s if k == 1 else f"{name}#{k}{at}{rest}"
-
-    return [tagged(s, k) for k in range(1, rounds + 1) for s in systems]
 
 
 def main(argv: list[str] | None = None) -> int:

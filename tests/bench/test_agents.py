@@ -194,3 +194,28 @@ def test_each_system_is_compared_with_the_plain_run_under_its_own_server_setting
     ctl = identity.control(recs + [RequestRecord(0.0, 0.1, 1.0, 2, labels={"system": "plain" + ex, "agents": 4, "trace": "a",
                                                                          "turn": 0, "pass": 0}, output_ids=[1, 3])])
     assert ctl == {f"plain{ex}@4 vs plain{ex}@1": {"compared": 1, "identical": 1}}
+
+
+def test_two_rounds_give_ratios_drift_and_a_pooled_table() -> None:
+    """bench agents --rounds 2: systems run as 'plain', 'hybrid', 'plain#2', 'hybrid#2'; every
+    row gets its ratio to the plain of its own round's cell, drift is plain#2 ÷ plain, and the
+    pooled row averages the processes (its copy_share dict is not a number to average)."""
+    from agentserve.bench.agents import headline
+    from agentserve.bench.args import expand_rounds
+
+    assert expand_rounds(["plain", "hybrid"], 2) == ["plain", "hybrid", "plain#2", "hybrid#2"]
+
+    def rec(t0: float, end: float) -> RequestRecord:
+        return RequestRecord(t0, t0 + 0.5, end, 16, verify_ct=8, labels={"agent": "a"})
+
+    rows = [run_row("plain", 4, [rec(0, 4.0)], 4.0, {}), run_row("hybrid", 4, [rec(0, 2.0)], 2.0, {"session": 4.0}),
+            run_row("plain#2", 4, [rec(0, 8.0)], 8.0, {}), run_row("hybrid#2", 4, [rec(0, 2.0)], 2.0, {"session": 2.0})]
+    ratios, drift, pooled = headline(rows, 2)
+    by = {r["system"]: r for r in ratios}
+    # the faster plain (4 s) is each cell's base, as with bench serve --bracket
+    assert by["hybrid"]["e2e_ratio"] == 0.5 and by["hybrid#2"]["total_ratio"] == 2.0
+    assert drift == [{"agents": 4, "total_ratio": 0.5, "e2e_ratio": 2.0}]
+    pb = {r["system"]: r for r in pooled}
+    assert pb["plain"]["processes"] == 2 and pb["plain"]["e2e_mean"] == 6.0 and pb["plain"]["n"] == 2
+    assert pb["hybrid"]["e2e_ratio"] == 2.0 / 6.0 and pb["hybrid"]["copy_share"] is None
+    assert headline(rows[:2], 1)[1:] == ([], [])
