@@ -4,7 +4,8 @@ real SGLang server, stored as token ids in append-only gzip JSONL shards.
     agentserve corpus build --out corpus/ --target-tokens 500000    # resumable, SIGTERM-safe
     agentserve corpus stats --out corpus/
 
-Every prompt is answered twice: greedy (T=0) and sampled (T in {0.7, 0.85, 1.0}, picked by a
+Second turns of MT-Bench follow the target's own greedy answer to the first turn, once that is in
+the corpus (`followup_prompts`).  Every prompt is answered twice: greedy (T=0) and sampled (T in {0.7, 0.85, 1.0}, picked by a
 hash of the prompt key), each request carrying a pinned ``sampling_seed`` derived from the
 corpus seed and the key.  The held-out split is fixed by a hash of the prompt key (``is_eval``,
 10 %): eval prompts are answered too (they are what held-out tau is measured on) but training
@@ -87,6 +88,29 @@ def shared_prompts(prompts_dir: str) -> list[CorpusPrompt]:
     return out
 
 
+def followup_prompts(prompts_dir: str, out_dir: str | Path, decode: Any) -> list[CorpusPrompt]:
+    """Second turns of the multi-turn shared sets (MT-Bench): the first question, the target's own
+    greedy answer to it from the corpus (`decode` turns its ids into text), the follow-up. Only
+    conversations whose first turn is answered; same key, so the same split as that turn."""
+    answers = {r["key"]: r for r in iter_records(out_dir) if r["key"].endswith("/t1#greedy")}
+    out: list[CorpusPrompt] = []
+    for src, fn in SHARED_SETS.items():
+        path = os.path.join(prompts_dir, fn)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                turns = json.loads(line)["turns"] if line.strip() else []
+                first = answers.get(f"{fn}:{i}/t1#greedy")
+                if len(turns) < 2 or first is None:
+                    continue
+                reply = decode(first["ids"][first["prompt_len"]:])
+                out.append(CorpusPrompt(f"{fn}:{i}", src, [{"role": "user", "content": str(turns[0])},
+                                                           {"role": "assistant", "content": reply},
+                                                           {"role": "user", "content": str(turns[1])}]))
+    return out
+
+
 def _cfb_tool(spec: dict[str, Any]) -> dict[str, Any]:
     props, req = {}, []
     for name, p in (spec.get("query_parameters") or {}).items():
@@ -147,11 +171,15 @@ def prompt_pool(prompts_dir: str, cfb: Optional[Path]) -> list[CorpusPrompt]:
     return out
 
 
+def turn_of(p: CorpusPrompt) -> str:
+    """'t1' for a first turn, 't2' for one after an assistant turn (a tool result, a follow-up)."""
+    return "t2" if any(m.get("role") == "assistant" for m in p.messages) else "t1"
+
+
 def plan_jobs(prompts: list[CorpusPrompt], seed: int) -> list[Job]:
     jobs: list[Job] = []
     for p in prompts:
-        turn = "t2" if p.messages[-1]["role"] == "tool" else "t1"
-        base = f"{p.key}/{turn}"
+        base = f"{p.key}/{turn_of(p)}"
         t = SAMPLED_TEMPERATURES[_h(base + str(seed)) % len(SAMPLED_TEMPERATURES)]
         jobs.append(Job(p, "greedy", 0.0, _h(f"{seed}:{base}:greedy")))
         jobs.append(Job(p, "sampled", t, _h(f"{seed}:{base}:sampled")))
@@ -159,8 +187,7 @@ def plan_jobs(prompts: list[CorpusPrompt], seed: int) -> list[Job]:
 
 
 def job_key(job: Job) -> str:
-    turn = "t2" if job.prompt.messages[-1]["role"] == "tool" else "t1"
-    return f"{job.prompt.key}/{turn}#{job.variant}"
+    return f"{job.prompt.key}/{turn_of(job.prompt)}#{job.variant}"
 
 
 # ----------------------------------------------------------------------------- shards
@@ -276,6 +303,14 @@ def build(args: argparse.Namespace) -> int:
     template = SERVED_TEMPLATE.read_text()
     cfb = Path(args.cfb) if args.cfb else None
     prompts = prompt_pool(args.prompts_dir, cfb)
+    prompts += followup_prompts(args.prompts_dir, out_dir, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    if args.sources:
+        want = {x.strip() for x in args.sources.split(",") if x.strip()}
+        known = set(DOMAIN_OF)
+        if not want or want - known:
+            print(f"--sources: unknown {sorted(want - known)}; choose from {sorted(known)}", file=sys.stderr)
+            return 2
+        prompts = [p for p in prompts if p.src in want]
     jobs = plan_jobs(prompts, args.seed)
     done = {r["key"] for r in iter_records(out_dir)}
     todo = [j for j in jobs if job_key(j) not in done]
@@ -409,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-prompt-tokens", type=int, default=2048)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit", type=int, default=None, help="at most this many new answers (smoke runs)")
+    b.add_argument("--sources", default=None, help="answer only these sources, comma list (e.g. mt-bench)")
     b.add_argument("--request-timeout", type=float, default=900.0)
     b.add_argument("--start-timeout", type=float, default=3600.0,
                    help="seconds to wait for the server's health (a niced start on a loaded 2-core box is slow)")

@@ -47,3 +47,27 @@ def test_shards_append_and_dedupe(tmp_path) -> None:
     assert len(list((tmp_path / "shards").glob("*.gz"))) == 2
     assert [r["key"] for r in load_corpus(tmp_path)] == ["k0", "k1", "k2", "k3"]
     assert [r["key"] for r in load_corpus(tmp_path, "eval")] == ["k0"]
+
+
+def test_followups_build_on_the_corpus_own_first_answers_and_keep_the_split(tmp_path) -> None:
+    from sglang_ext.dspark.corpus import followup_prompts, turn_of
+
+    d = tmp_path / "prompts"
+    d.mkdir()
+    _prompts(d)
+    out = tmp_path / "corpus"
+    w = ShardWriter(out)
+    for i in (3, 7):  # two MT-Bench first turns answered greedily, one only sampled
+        w.write({"key": f"mt-bench.jsonl:{i}/t1#greedy", "split": "train", "ids": [9, 9, 40 + i, 41], "prompt_len": 2})
+    w.write({"key": "mt-bench.jsonl:8/t1#sampled", "split": "train", "ids": [9, 5], "prompt_len": 1})
+    w.close()
+    fu = followup_prompts(str(d), out, lambda ids: " ".join(map(str, ids)))
+    # gsm8k and mbpp lines have two turns too in this fixture, but no answered first turn
+    assert [p.key for p in fu] == ["mt-bench.jsonl:3", "mt-bench.jsonl:7"]
+    assert [m["role"] for m in fu[0].messages] == ["user", "assistant", "user"]
+    assert fu[0].messages[1]["content"] == "43 41" and fu[0].messages[2]["content"] == "follow-up"
+    keys = [job_key(j) for j in plan_jobs(fu, seed=0)]
+    assert keys == ["mt-bench.jsonl:3/t2#greedy", "mt-bench.jsonl:3/t2#sampled",
+                    "mt-bench.jsonl:7/t2#greedy", "mt-bench.jsonl:7/t2#sampled"]
+    first = [p for p in shared_prompts(str(d)) if p.key == "mt-bench.jsonl:3"][0]
+    assert turn_of(first) == "t1" and is_eval(first.key) == is_eval(fu[0].key)
