@@ -372,3 +372,24 @@ def test_mixed_chunk_steps_identical_to_plain(plain_server, agentspark_server, m
     assert _counter(mixed_chunk_server.url, "agentserve:spec_mixed_steps_total") > before  # mixed steps ran
     assert _counter(mixed_chunk_server.url, "agentserve:spec_accepted_drafts_total") > 0  # and speculation
     assert _counter(mixed_chunk_server.url, stall) - mixed_stall0 < stalled  # mixed steps keep them decoding
+
+
+def test_stop_strings_and_stop_ids_end_where_plain_ends(plain_server, agentspark_server) -> None:
+    """A stop string or stop token inside a multi-token step: the answer ends where plain's ends.
+    The same prompt is sent once without a stop first, so the radix tree holds its whole answer
+    and the next step copies far past the stop."""
+    prompt = chat("List the planets of the solar system in order, one per line.")
+    full = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 48}}
+    ref = gen(plain_server.url, full)
+    assert gen(agentspark_server.url, full)["output_ids"] == ref["output_ids"]
+    text, ids = ref["text"], ref["output_ids"]
+    stop_str = text[len(text) // 2: len(text) // 2 + 4]  # some text mid-answer
+    stop_id = ids[len(ids) // 2]
+    before = _counter(agentspark_server.url, "agentserve:spec_source_verified_drafts_total")
+    for sp in ({"stop": [stop_str]}, {"stop_token_ids": [stop_id]}, {"stop": [stop_str], "no_stop_trim": True}):
+        body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 48, **sp}}
+        a, b = gen(plain_server.url, body), gen(agentspark_server.url, body)
+        assert len(a["output_ids"]) < len(ids), (sp, a["text"])  # the stop really cut the answer
+        assert (b["text"], b["output_ids"], b["meta_info"]["finish_reason"]) == (
+            a["text"], a["output_ids"], a["meta_info"]["finish_reason"]), sp
+    assert _counter(agentspark_server.url, "agentserve:spec_source_verified_drafts_total") > before  # copies ran
