@@ -72,20 +72,22 @@ class Job:
 
 
 # ----------------------------------------------------------------------------- prompt sources
-def shared_prompts(prompts_dir: str) -> list[CorpusPrompt]:
-    out: list[CorpusPrompt] = []
+def _shared_lines(prompts_dir: str) -> Iterator[tuple[str, str, list[Any]]]:
+    """(source, prompt key, turns) of every line of the shared prompt sets present."""
     for src, fn in SHARED_SETS.items():
         path = os.path.join(prompts_dir, fn)
         if not os.path.exists(path):
             continue
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                turns = json.loads(line)["turns"]
-                # key spelled as data.load_prompts does, so both modules agree on the split
-                out.append(CorpusPrompt(f"{fn}:{i}", src, [{"role": "user", "content": str(turns[0])}]))
-    return out
+                if line.strip():
+                    # key spelled as data.load_prompts does, so both modules agree on the split
+                    yield src, f"{fn}:{i}", json.loads(line)["turns"]
+
+
+def shared_prompts(prompts_dir: str) -> list[CorpusPrompt]:
+    return [CorpusPrompt(key, src, [{"role": "user", "content": str(turns[0])}])
+            for src, key, turns in _shared_lines(prompts_dir)]
 
 
 def followup_prompts(prompts_dir: str, out_dir: str | Path, decode: Any) -> list[CorpusPrompt]:
@@ -94,20 +96,14 @@ def followup_prompts(prompts_dir: str, out_dir: str | Path, decode: Any) -> list
     conversations whose first turn is answered; same key, so the same split as that turn."""
     answers = {r["key"]: r for r in iter_records(out_dir) if r["key"].endswith("/t1#greedy")}
     out: list[CorpusPrompt] = []
-    for src, fn in SHARED_SETS.items():
-        path = os.path.join(prompts_dir, fn)
-        if not os.path.exists(path):
+    for src, key, turns in _shared_lines(prompts_dir):
+        first = answers.get(f"{key}/t1#greedy")
+        if len(turns) < 2 or first is None:
             continue
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                turns = json.loads(line)["turns"] if line.strip() else []
-                first = answers.get(f"{fn}:{i}/t1#greedy")
-                if len(turns) < 2 or first is None:
-                    continue
-                reply = decode(first["ids"][first["prompt_len"]:])
-                out.append(CorpusPrompt(f"{fn}:{i}", src, [{"role": "user", "content": str(turns[0])},
-                                                           {"role": "assistant", "content": reply},
-                                                           {"role": "user", "content": str(turns[1])}]))
+        reply = decode(first["ids"][first["prompt_len"]:])
+        out.append(CorpusPrompt(key, src, [{"role": "user", "content": str(turns[0])},
+                                           {"role": "assistant", "content": reply},
+                                           {"role": "user", "content": str(turns[1])}]))
     return out
 
 

@@ -55,21 +55,13 @@ def fixed_end(p: Any) -> tuple[str, list]:
 def collect(chunks: list[str], chunk: Callable, end: Callable, parser: Any) -> tuple[str, dict, dict]:
     """(content, names by call index, arguments by call index) as a client assembles them."""
     content, names, args = "", {}, {}
-    for c in chunks:
-        text, calls = chunk(parser, c)
+    for text, calls in [*(chunk(parser, c) for c in chunks), end(parser)]:
         content += text or ""
         for call in calls:
             if call.name:
                 names[call.tool_index] = call.name
             if call.parameters:
                 args[call.tool_index] = args.get(call.tool_index, "") + call.parameters
-    text, calls = end(parser)
-    content += text or ""
-    for call in calls:
-        if call.name:
-            names[call.tool_index] = call.name
-        if call.parameters:
-            args[call.tool_index] = args.get(call.tool_index, "") + call.parameters
     return content, names, args
 
 
