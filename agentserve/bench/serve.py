@@ -47,22 +47,30 @@ def bench_system(name: str, base: Profile, prompts: dict[str, list[list[int]]], 
         sent = warm_up(srv.url, warmup or [], warmup_s, max(concurrencies), max_new)
         if sent:
             print(f"  {name}: {sent} warm-up requests in {warmup_s:g} s", file=sys.stderr)
-        for (temp, conc), sl in phase_slices(temperatures, concurrencies, per_domain).items():
-            for dom, plist in prompts.items():
-                jobs = plist[sl]  # distinct prompts, none seen earlier by this server
-                labels = {"system": name, "temperature": temp, "concurrency": conc, "domain": dom}
-                before = scrape(srv.url)
-                with cf.ThreadPoolExecutor(conc) as ex:
-                    # each request its own rid: the step trace's lines say whose steps they were
-                    level = list(ex.map(lambda ids: send(srv.url, ids, max_new, temp, rid=uuid.uuid4().hex,
-                                                         labels=labels), jobs))
-                spec.append({**labels, **spec_delta(before, scrape(srv.url))})
-                records += level
-                s = metrics.summary(level)
-                print(f"  {name:11s} T={temp:g} c={conc:<2d} {dom:6s} e2e {s['e2e_mean']:6.2f} s, "
-                      f"total tok/s {s['total_tps'] or 0:6.2f}", file=sys.stderr)
+        slices = {dom: phase_slices(temperatures, concurrencies, per_domain, len(plist)) for dom, plist in prompts.items()}
+        for temp in temperatures:
+            for conc in concurrencies:
+                _level(srv.url, name, prompts, slices, temp, conc, max_new, records, spec)
         rss = srv.peak_rss_bytes()
     return records, spec, start, rss
+
+
+def _level(url: str, name: str, prompts: dict[str, list[list[int]]], slices: dict[str, dict], temp: float, conc: int,
+           max_new: int, records: list[RequestRecord], spec: list[dict]) -> None:
+    """One (temperature, concurrency) phase: each domain's own prompts, `conc` clients at once."""
+    for dom, plist in prompts.items():
+        jobs = plist[slices[dom][(temp, conc)]]  # distinct prompts, none seen earlier by this server
+        labels = {"system": name, "temperature": temp, "concurrency": conc, "domain": dom}
+        before = scrape(url)
+        with cf.ThreadPoolExecutor(conc) as ex:
+            # each request its own rid: the step trace's lines say whose steps they were
+            level = list(ex.map(lambda ids: send(url, ids, max_new, temp, rid=uuid.uuid4().hex,
+                                                 labels=labels), jobs))
+        spec.append({**labels, **spec_delta(before, scrape(url))})
+        records += level
+        s = metrics.summary(level)
+        print(f"  {name:11s} T={temp:g} c={conc:<2d} {dom:6s} e2e {s['e2e_mean']:6.2f} s, "
+              f"total tok/s {s['total_tps'] or 0:6.2f}", file=sys.stderr)
 
 
 def summarize(records: list[RequestRecord], spec: list[dict] | None = None) -> list[dict[str, Any]]:
@@ -169,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(base.model.path)
     need = prompts_needed(temps, concs, a.per_domain)
     prompts = {d: v for d, v in load_prompts(need, tok, max_agent_prompt=a.max_agent_prompt).items() if d in domains}
-    short = {d: len(v) for d, v in prompts.items() if len(v) < need}
-    if short:
-        ap.error(f"--per-domain/--concurrency: {need} distinct prompts per domain needed, only {short} held out")
+    for d, v in prompts.items():
+        try:
+            sl = phase_slices(temps, concs, a.per_domain, len(v))
+        except ValueError as e:
+            ap.error(f"--per-domain/--concurrency: {d}: {e}")
+        if max(s.stop for s in sl.values()) < need:
+            print(f"{d}: {len(v)} held-out prompts, so its phases send fewer than --per-domain "
+                  f"({', '.join(f'c={c}: {s.stop - s.start}' for (_, c), s in sl.items())})", file=sys.stderr)
     warm = warmup_prompts(max(concs), tok, domains, need, a.max_agent_prompt or 1024) if a.warmup_s else []
     machine = report.machine(base.model.dtype)
     records: list[RequestRecord] = []

@@ -1,5 +1,6 @@
 """agentserve bench's workload and flags: every phase gets prompts no earlier phase used, warm-up
-prompts are none of them, and bad flags are named."""
+prompts are none of them, none of them is a prompt the shipped drafter trained on, and bad flags
+are named."""
 
 from __future__ import annotations
 
@@ -26,6 +27,36 @@ def test_phases_get_disjoint_prompts() -> None:
         assert not set(idx) & set(used)
         used += idx
     assert prompts_needed(temps, concs, 2) == len(used) == 2 * (2 + 4 + 8)
+
+
+def test_a_short_domain_shrinks_its_phases_never_below_one_prompt_per_client() -> None:
+    sl = phase_slices([0.0], [1, 4, 8], per_domain=6, available=18)
+    assert [s.stop - s.start for s in sl.values()] == [5, 5, 8]
+    assert max(s.stop for s in sl.values()) <= 18
+    with pytest.raises(ValueError, match="13 distinct prompts needed, 12 held out"):
+        phase_slices([0.0], [1, 4, 8], per_domain=6, available=12)
+
+
+def test_measured_prompts_are_outside_the_drafters_training_split() -> None:
+    from transformers import AutoTokenizer
+
+    from sglang_ext.dspark.corpus import load_corpus
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "smollm2-135m-instruct")
+    measured = load_prompts(20, tok)
+    assert {d: len(v) >= 18 for d, v in measured.items()} == {"code": True, "math": True, "chat": True, "agent": True}
+    # every prompt the corpus trained on, as the bench would send it (first turns: the bench's
+    # chat_ids; second turns: the corpus' own messages), must be none of the measured ones
+    trained = set()
+    for r in load_corpus(REPO / "corpus", split="train"):
+        if r["domain"] in ("code", "math", "chat"):
+            trained.add(tuple(r["ids"][: r["prompt_len"]]))
+    sent = {tuple(p) for d in ("code", "math", "chat") for p in measured[d]}
+    assert len(sent) == sum(len(measured[d]) for d in ("code", "math", "chat"))
+    texts = {tok.decode(p, skip_special_tokens=True).split("user\n")[-1].split("\nassistant")[0].strip() for p in sent}
+    trained_texts = {tok.decode(p, skip_special_tokens=True).split("user\n")[-1].split("\nassistant")[0].strip()
+                     for p in trained}
+    assert len(texts) == len(sent) and not texts & trained_texts
 
 
 def test_warmup_prompts_are_none_of_the_measured_ones() -> None:
