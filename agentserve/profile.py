@@ -57,10 +57,22 @@ class DrafterSpec(_Strict):
     # a step verifies drafts only if its expected tokens per second beat plain decoding's by
     # this fraction (a margin for the step-cost model's error where drafts barely pay)
     min_step_gain: float = Field(default=0.0, ge=0, le=1)
-    # what the draft gate expects of a request's next model block: "confidence" (the mean of the
-    # confidence head's expectation and the accepted count of its earlier blocks) or "accepted"
-    # (the counts alone, noisier: see sglang_ext/spec/draft_gate.py)
-    gate_estimate: Literal["confidence", "accepted"] = "confidence"
+    # How the draft gate prices a model-drafted request: "draft" (the drafter call only; the plan
+    # cuts the verify from the block's confidences), "block" (the call and its whole block's
+    # verify), or "auto": "draft" with the "block" estimate up to gate_cut_max_batch requests in
+    # the step, "block" with the "confidence" estimate above (measured: draft pricing pays at one
+    # request, costs at 8; sglang_ext/spec/draft_gate.py)
+    gate_cost: Literal["auto", "draft", "block"] = "auto"
+    gate_cut_max_batch: int = Field(default=1, ge=0, le=1024)
+    # with an explicit gate_cost, what the gate expects of a request's next model block: "block"
+    # (the confidence head's expectation over its earlier whole blocks), "confidence" (the mean
+    # of that expectation over the verified drafts and their accepted count) or "accepted" (the
+    # counts alone, noisier)
+    gate_estimate: Literal["block", "confidence", "accepted"] = "confidence"
+    # a request the gate skips drafts again (a probe) after this many skipped steps; each probe
+    # that still does not pay doubles the interval up to gate_max_probe_every
+    gate_probe_every: int = Field(default=8, ge=1, le=1024)
+    gate_max_probe_every: int = Field(default=64, ge=1, le=1024)
 
     @field_validator("shared_index", mode="before")
     @classmethod

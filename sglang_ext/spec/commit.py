@@ -75,8 +75,10 @@ def learn(w: AgentSparkWorker, inp: StepInputs, prop: Proposal, lens: list[int],
     w.sps.observe(n_tokens, stats.verify_s, inp.kv)
     w.gate.observe_draft(len(prop.model_rows), stats.draft_s)
     for i in prop.model_rows:
-        expected = sum(prefix_products(prop.conf[i, : lens[i]].tolist())) if prop.conf is not None else None
-        w.gate.observe_model(rids[i], stats.accepted[i], expected)
+        conf = prop.conf[i].tolist() if prop.conf is not None else None
+        expected = sum(prefix_products(conf[: lens[i]])) if conf is not None else None
+        block = sum(prefix_products(conf[: w.block])) if conf is not None else None
+        w.gate.observe_model(rids[i], stats.accepted[i], expected, block)
     _learn_copies(w, inp, prop, stats, emitted)
     if worker_metrics.tracing():  # only the step trace reads these
         conf = prop.conf

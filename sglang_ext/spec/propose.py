@@ -150,6 +150,7 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
     model_rows: list[int] = []
     probing = False
     has_drafter = w.drafter is not None and w.block > 0
+    w.gate.begin_step(bs)  # "auto" pricing follows the batch size
     t_token, t_extra = planning.draft_costs(w, bs, inp.kv) if has_drafter else (0.0, 0.0)
     for i in range(bs):
         if i in copy_rows:
@@ -157,7 +158,9 @@ def propose(w: AgentSparkWorker, inp: StepInputs, stats: StepStats) -> Proposal:
         d = (w.gate.decide(rids[i], t_token, t_extra) if gated else "draft") if has_drafter else "skip"
         if d != "skip":
             model_rows.append(i)
-            probing |= d == "probe"
+            # a probe must draft; so must a row whose verify the plan cuts from its confidences
+            # (the width check would price its whole block)
+            probing |= d == "probe" or w.gate.cuts_verify
         elif decisions[i] is not None and decisions[i].tokens:
             # the chooser preferred the model but the model will not draft (the gate priced it
             # out, or there is no drafter): the copy it passed over is the best draft this row

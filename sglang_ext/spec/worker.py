@@ -149,7 +149,10 @@ class AgentSparkWorker(BaseSpecWorker):
         self._ragged_wanted = prof.drafter.ragged_verify
         self.min_step_gain = prof.drafter.min_step_gain
         self._ragged: Optional[bool] = None  # asked of the attention backend at the first decode step
-        self.gate = DraftGate(t_draft=self._time_drafter(), estimate=prof.drafter.gate_estimate)  # model drafting only where it pays (draft_gate.py)
+        d = prof.drafter  # model drafting only where it pays (draft_gate.py)
+        self.gate = DraftGate(t_draft=self._time_drafter(), estimate=d.gate_estimate, probe_every=d.gate_probe_every,
+                              max_probe_every=d.gate_max_probe_every, cost=d.gate_cost,
+                              cut_max_batch=d.gate_cut_max_batch)
 
     # ---- set-up
     def _load_drafter(self, path: Optional[str]) -> None:

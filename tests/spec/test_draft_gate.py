@@ -122,3 +122,36 @@ def test_time_drafter_times_a_warmed_steady_call() -> None:
     d.attach_shared(torch.randn(48, 32), torch.randn(48, 32))
     t = time_drafter(d.eval(), "cpu", context=16, reps=2)
     assert 0.0 < t < 5.0
+
+
+def test_pricing_the_drafter_call_only_keeps_a_request_whose_blocks_pay_when_cut() -> None:
+    # a request whose blocks the head expects 0.4 accepted drafts from: with the whole block's
+    # verify priced (0.01 draft + 0.05 verify against 0.05 per token) it is skipped; when the plan
+    # cuts the verify from the confidences only the drafter call is priced, and it drafts
+    for cost, want in (("block", "skip"), ("draft", "draft")):
+        gate = DraftGate(prior_accepted=0.4, ema=1.0, t_draft=0.01, cost=cost)  # type: ignore[arg-type]
+        assert gate.cuts_verify == (cost == "draft")
+        assert gate.decide("r", T_TOKEN, T_EXTRA) == want
+    gate = DraftGate(ema=1.0, t_draft=0.01, cost="draft")
+    gate.observe_model("r", 0, expected=0.05, expected_block=0.1)  # 0.1 * 0.05 < 0.01: not even the call pays
+    assert gate.decide("r", T_TOKEN, T_EXTRA) == "skip"
+
+
+def test_the_block_estimate_is_the_heads_expectation_over_the_whole_block() -> None:
+    # the verified count is cut where the plan cut the verify: the block's expectation is not
+    gate = DraftGate(ema=1.0, estimate="block")
+    gate.observe_model("r", 1, expected=0.8, expected_block=2.5)
+    assert gate.expected("r") == 2.5
+    gate.observe_model("r", 1, expected=0.8, expected_block=None)  # not known: the "confidence" rule
+    assert gate.expected("r") == pytest.approx(0.9)
+
+
+def test_auto_prices_the_drafter_call_alone_only_up_to_its_batch_size() -> None:
+    gate = DraftGate(prior_accepted=0.4, ema=1.0, t_draft=0.01, cost="auto", cut_max_batch=1)
+    gate.observe_model("r", 0, expected=0.2, expected_block=0.8)
+    gate.begin_step(1)
+    assert (gate.cost, gate.estimate, gate.cuts_verify) == ("draft", "block", True)
+    assert gate.expected("r") == 0.8 and gate.decide("r", T_TOKEN, T_EXTRA) == "draft"
+    gate.begin_step(8)
+    assert (gate.cost, gate.estimate, gate.cuts_verify) == ("block", "confidence", False)
+    assert gate.expected("r") == pytest.approx(0.1) and gate.decide("r", T_TOKEN, T_EXTRA) == "skip"

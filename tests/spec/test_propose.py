@@ -16,11 +16,16 @@ from sglang_ext.spec.stats import StepStats
 
 
 class _Gate:
+    cuts_verify = False
+
     def __init__(self, answer: str) -> None:
         self.answer = answer
 
     def decide(self, rid: str, t_token: float, t_extra: float) -> str:
         return self.answer
+
+    def begin_step(self, bs: int) -> None:
+        pass
 
 
 def _setup(monkeypatch: pytest.MonkeyPatch, decisions: list[Any], gate: str, drafter: bool = True) -> tuple[Any, Any]:
@@ -69,6 +74,17 @@ def test_a_row_the_model_drafts_keeps_the_model(monkeypatch: pytest.MonkeyPatch)
     prop = P.propose(w, inp, StepStats(batch_size=2))  # type: ignore[arg-type]
     assert seen == {"copy_rows": [], "model_rows": [0, 1]} and not decisions[0].use_copy
     assert prop.model_rows == [0, 1] and prop.max_len.tolist() == [4, 4]
+
+
+@pytest.mark.parametrize("cuts", [False, True])
+def test_a_drafted_row_whose_verify_the_plan_cuts_is_not_vetoed_by_the_width_check(
+        monkeypatch: pytest.MonkeyPatch, cuts: bool) -> None:
+    decisions = [None, None]
+    w, inp, seen = _setup(monkeypatch, decisions, gate="draft")
+    w.gate.cuts_verify = cuts
+    monkeypatch.setattr(P.planning, "best_width", lambda *a, **k: (1, {}))  # the check prices the block out
+    prop = P.propose(w, inp, StepStats(batch_size=2))  # type: ignore[arg-type]
+    assert prop.model_rows == ([0, 1] if cuts else []) and prop.drafting == cuts
 
 
 def test_sessions_the_http_layer_ended_lose_their_draft_index() -> None:
