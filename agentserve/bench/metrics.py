@@ -13,6 +13,7 @@ makes requests wait), and τ = tokens / verify steps.
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Any, Callable, Iterable, Sequence
 
@@ -122,6 +123,12 @@ def drift(rows: list[dict[str, Any]], keys: Sequence[str], first: str = "plain",
 POOLED = ("e2e_mean", "e2e_p95", "ttft_mean", "ttft_p95", "total_tps", "user_tps", "tau", "copy_share")
 
 
+def round_of(system: str) -> str:
+    """The system a round's process ran: 'hybrid#2@drafter.x=1' -> 'hybrid@drafter.x=1' (the
+    round tag sits before the overrides, args.expand_rounds)."""
+    return re.sub(r"#\d+(?=@|$)", "", system, count=1)
+
+
 def pool(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (keys..., system) over the processes a system ran in ('hybrid', 'hybrid#2',
     ...): each headline value the mean of the processes' values (a process's total tok/s is over
@@ -129,7 +136,7 @@ def pool(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]
     `refused` summed, `processes` counted; ratios against plain's pooled row."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((*(r[k] for k in keys), r["system"].partition("#")[0]), []).append(r)
+        groups.setdefault((*(r[k] for k in keys), round_of(r["system"])), []).append(r)
     out = []
     for k, rs in groups.items():
         row: dict[str, Any] = {**dict(zip((*keys, "system"), k)), "processes": len(rs)}

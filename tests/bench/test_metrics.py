@@ -102,3 +102,16 @@ def test_rounds_pool_processes_not_requests() -> None:
     assert plain["total_tps"] == pytest.approx((31 / 4 + 31 / 8) / 2)  # not 62 tokens over 28 s
     assert hybrid["e2e_ratio"] == pytest.approx(2.0 / 6.0) and plain["e2e_ratio"] == pytest.approx(1.0)
     assert hybrid["total_ratio"] == pytest.approx((31 / 2) / ((31 / 4 + 31 / 8) / 2))
+
+
+def test_rounds_of_a_system_with_overrides_pool_apart_from_the_plain_system() -> None:
+    # expand_rounds tags the second process 'dspark#2@drafter.x=1': it pools with 'dspark@drafter.x=1',
+    # not with 'dspark' (which once merged the two systems' second rounds)
+    from agentserve.bench.args import expand_rounds
+
+    names = expand_rounds(["plain", "dspark@drafter.x=1", "dspark"], 2)
+    assert [metrics.round_of(n) for n in names] == ["plain", "dspark@drafter.x=1", "dspark"] * 2
+    rs = [rec(n, 10 * i, 10 * i + 1, 10 * i + 2 + i, 31, concurrency=1) for i, n in enumerate(names)]
+    pooled = metrics.pool(metrics.group_rows(rs, ("concurrency",)), ("concurrency",))
+    assert sorted((p["system"], p["processes"]) for p in pooled) == [
+        ("dspark", 2), ("dspark@drafter.x=1", 2), ("plain", 2)]
