@@ -73,6 +73,11 @@ class DrafterSpec(_Strict):
     # that still does not pay doubles the interval up to gate_max_probe_every
     gate_probe_every: int = Field(default=8, ge=1, le=1024)
     gate_max_probe_every: int = Field(default=64, ge=1, le=1024)
+    # drafter context K/V of ended requests kept (positions, all requests together) to seed a
+    # later prompt whose prefix the radix cache holds: its prefill skips those positions, so the
+    # target's features of them come from the request that computed them (spec/contexts.py);
+    # 0 turns it off. About 1.5 KB a position for the bundled drafter.
+    context_keep_tokens: int = Field(default=32768, ge=0, le=10_000_000)
 
     @field_validator("shared_index", mode="before")
     @classmethod

@@ -234,6 +234,14 @@ class DraftContext:
             raise ValueError(f"cannot truncate DraftContext of length {self.length} to {length}")
         self.length = length
 
+    def head(self, n: int) -> "DraftContext":
+        """A new context holding copies of this one's first n positions."""
+        n = max(0, min(int(n), self.length))
+        if n == 0 or self.positions is None:
+            return DraftContext()
+        return DraftContext(k=[k[:n].clone() for k in self.k], v=[v[:n].clone() for v in self.v],
+                            positions=self.positions[:n].clone(), length=n)
+
     def keys(self, layer: int) -> torch.Tensor:
         return self.k[layer][: self.length]
 

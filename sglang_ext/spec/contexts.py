@@ -10,11 +10,23 @@ wider than the K/V they become).
 
 Positions only ever grow, except when SGLang re-prefills or retracts a request: `trim(rid, p)`
 then drops everything at or after p, projected or pending.
+
+A prompt the radix cache already holds is not run through the target again: its prefill starts
+at the cached length, so the target's features of the cached positions never reach this
+request's context, and the drafter drafts an agent's second turn with only its newest tokens in
+view. Those features were computed once, by the request that put the prefix in the cache, and a
+position's features depend only on the tokens up to it. So an ended request's context is kept
+(`keep`, bounded by `keep_tokens` positions, oldest first out), and a new request whose prefill
+starts past 0 is seeded (`seed`) with the positions it shares with the ended or running request
+whose tokens match it longest (a session's previous turn; another agent's system prompt and tool
+schemas). A draft only proposes; verification decides, so a stale or mismatched context can cost
+acceptance, never correctness.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -22,12 +34,18 @@ from sglang_ext.dspark.drafter import DraftContext
 
 
 class LazyContexts:
-    def __init__(self, drafter: Any, device: torch.device | str, max_pending: int = 64) -> None:
+    MIN_SHARED = 16  # a shorter common prefix is not worth a copy
+
+    def __init__(self, drafter: Any, device: torch.device | str, max_pending: int = 64, keep_tokens: int = 0) -> None:
         self.drafter = drafter
         self.device = device
         self.max_pending = int(max_pending)
+        self.keep_tokens = int(keep_tokens)
         self.contexts: dict[str, DraftContext] = {}
         self._pending: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        # ended requests' contexts with their token ids, oldest first (keep / seed)
+        self._kept: OrderedDict[str, tuple[torch.Tensor, DraftContext]] = OrderedDict()
+        self.kept_positions = 0
 
     def __contains__(self, rid: str) -> bool:
         return rid in self.contexts or rid in self._pending
@@ -74,6 +92,64 @@ class LazyContexts:
     def clear(self) -> None:
         self.contexts.clear()
         self._pending.clear()
+        self._kept.clear()
+        self.kept_positions = 0
+
+    # ---- contexts across requests (module docstring)
+    def keep(self, rid: str, tokens: Sequence[int]) -> None:
+        """rid ended with these token ids (prompt and output): keep its context for later
+        prompts that share a prefix with it, then forget rid."""
+        if self.keep_tokens <= 0 or rid not in self:
+            self.forget(rid)
+            return
+        ctx = self.get(rid)
+        self.forget(rid)
+        if ctx.length == 0 or ctx.length > self.keep_tokens:
+            return
+        if rid in self._kept:  # kept before (a retracted request that ran again)
+            self.kept_positions -= self._kept.pop(rid)[1].length
+        self._kept[rid] = (torch.as_tensor(list(tokens), dtype=torch.long), ctx)
+        self.kept_positions += ctx.length
+        while self.kept_positions > self.keep_tokens:
+            _, (_, old) = self._kept.popitem(last=False)
+            self.kept_positions -= old.length
+
+    def seed(self, rid: str, tokens: Sequence[int], prefix_len: int,
+             running: Iterable[tuple[str, Sequence[int]]] = ()) -> int:
+        """Before rid's first prefill appends positions >= prefix_len: give it the positions
+        < prefix_len that a kept or running request computed for the same tokens (the one
+        sharing the longest prefix). Returns the positions copied."""
+        if prefix_len < self.MIN_SHARED or rid in self or (not self._kept and not running):
+            return 0
+        want = torch.as_tensor(list(tokens[:prefix_len]), dtype=torch.long)
+        best, best_m = None, self.MIN_SHARED - 1
+        cands: list[tuple[str, Any, Any]] = [(r, t, None) for r, t in running if r != rid and r in self]
+        cands += [(r, t, c) for r, (t, c) in reversed(self._kept.items())]
+        for r, toks, ctx in cands:
+            m = _common_prefix(want, torch.as_tensor(toks, dtype=torch.long) if not torch.is_tensor(toks) else toks)
+            if m > best_m:
+                best, best_m = (r, ctx), m
+        if best is None:
+            return 0
+        r, ctx = best
+        if ctx is None:
+            ctx = self.get(r)  # a running request: project its pending rows first
+        else:
+            self._kept.move_to_end(r)  # used: the last to go
+        n = int((ctx.pos() < best_m).sum()) if ctx.length else 0
+        if n == 0:
+            return 0
+        self.contexts[rid] = ctx.head(n)
+        return n
 
     def pending_rows(self, rid: str) -> int:
         return sum(h.shape[0] for h, _ in self._pending.get(rid, []))
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens a and b share."""
+    n = min(a.shape[0], b.shape[0])
+    if n == 0:
+        return 0
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0, 0]) if diff.numel() else n

@@ -82,6 +82,7 @@ def _metrics() -> dict[str, Any] | None:
             "agent_steps": Counter("agentserve:agent_spec_steps_total", "Speculative decode steps that included a request of the agent", ["agent"]),
             "agent_tokens": Counter("agentserve:agent_spec_tokens_total", "Tokens committed by speculative steps, per agent", ["agent"]),
             "agent_accepted": Counter("agentserve:agent_spec_accepted_drafts_total", "Drafts accepted per agent and source", ["agent", "source"]),
+            "seeded": Counter("agentserve:drafter_context_seeded_positions_total", "Prompt positions the radix cache held whose drafter context came from an earlier request's (no target run)"),
             "mixed": Counter("agentserve:spec_mixed_steps_total", "Extend steps that also decoded the running requests (--enable-mixed-chunk)"),
             "stall": Counter("agentserve:tier_prefill_stall_seconds_total", "Request-seconds running requests of the tier waited on other requests' prefills between two decode steps", ["tier"]),
             "held": Counter("agentserve:tier_prefill_held_total", "Scheduling rounds a waiting request of the tier was held back by prefill pacing (its prefill would break a running promise)", ["tier"]),
@@ -145,6 +146,15 @@ def index_memory(registry: Any) -> None:
         m["index_sessions"].set(sessions)
     except Exception as e:  # pragma: no cover
         log.debug("metric update failed: %s", e)
+
+
+def context_seeded(positions: int) -> None:
+    m = _metrics()
+    if m and positions:
+        try:
+            m["seeded"].inc(positions)
+        except Exception as e:  # pragma: no cover
+            log.debug("metric update failed: %s", e)
 
 
 def mixed_step() -> None:

@@ -122,7 +122,9 @@ class AgentSparkWorker(BaseSpecWorker):
         prof = config.served()
         self._load_drafter(prof.drafter.path or get_spec().speculative_draft_model_path)
         # drafter context K/V per request, projected lazily (contexts.py)
-        self.contexts: Optional[LazyContexts] = LazyContexts(self.drafter, self.device) if self.drafter is not None else None
+        self.contexts: Optional[LazyContexts] = (LazyContexts(self.drafter, self.device, keep_tokens=prof.drafter.context_keep_tokens)
+                                                 if self.drafter is not None else None)
+        self._reqs: dict[str, Any] = {}  # requests with a drafter context: their tokens seed later prompts' contexts
         # Radix/session-aware drafting: copied continuations from what the session already holds.
         self.index: Optional[SessionIndexRegistry] = SessionIndexRegistry(shared=prof.drafter.shared_index) if prof.drafter.radix_drafting else None
         # copies may fill the whole verify width; the model drafts its trained block (<= it)
@@ -205,6 +207,7 @@ class AgentSparkWorker(BaseSpecWorker):
     def clear_cache_pool(self) -> None:
         if self.contexts is not None:
             self.contexts.clear()
+        self._reqs.clear()
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         pass
@@ -227,8 +230,12 @@ class AgentSparkWorker(BaseSpecWorker):
 
     # ---- per-request bookkeeping
     def forget(self, rid: str) -> None:
+        req = self._reqs.pop(rid, None)
         if self.contexts is not None:
-            self.contexts.forget(rid)
+            if req is not None:  # its context may seed a later prompt that shares its prefix
+                self.contexts.keep(rid, _tokens(req))
+            else:
+                self.contexts.forget(rid)
         for ch in self.choosers.values():
             ch.forget(rid)
         self.synced.discard(rid)
@@ -332,7 +339,11 @@ class AgentSparkWorker(BaseSpecWorker):
                 _maybe_dump_features(batch, hs)
                 start = 0
                 for req, n, prefix in zip(batch.reqs, batch.extend_lens, batch.prefix_lens):
+                    if prefix and req.rid not in self.contexts:  # the radix cache held its first `prefix` tokens
+                        running = ((r, _tokens(q)) for r, q in self._reqs.items())
+                        worker_metrics.context_seeded(self.contexts.seed(req.rid, req.origin_input_ids, int(prefix), running))
                     self.contexts.append(req.rid, hs[start:start + n], int(prefix))
+                    self._reqs[req.rid] = req
                     start += n
             except Exception as e:
                 self.drafter_failed(e)
@@ -351,3 +362,7 @@ class AgentSparkWorker(BaseSpecWorker):
                                               accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device)),
             speculative_num_draft_tokens=self.max_width,
         )
+
+
+def _tokens(req: Any) -> list[int]:
+    return list(req.origin_input_ids) + list(req.output_ids)

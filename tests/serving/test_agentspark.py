@@ -159,6 +159,25 @@ def _counter(url: str, name: str) -> float:
                for s in fam.samples if s.name == name)
 
 
+def test_second_turn_drafter_context_seeded_from_the_first(plain_server, agentspark_server) -> None:
+    """The second turn's prefill skips what the radix cache holds (the first turn's prompt and
+    answer), so its drafter context for those positions comes from the first turn's request
+    (spec/contexts.py); the answer stays plain decoding's."""
+    first = chat("Write a Python function that returns the n-th Fibonacci number.")
+    body = {"text": first, "sampling_params": {"temperature": 0, "max_new_tokens": 32}}
+    a1 = gen(agentspark_server.url, body)
+    assert a1["output_ids"] == gen(plain_server.url, body)["output_ids"]
+    before = _counter(agentspark_server.url, "agentserve:drafter_context_seeded_positions_total")
+    second = {"text": first + a1["text"] + "<|im_end|>\n" + chat("Now make it iterative."),
+              "sampling_params": {"temperature": 0, "max_new_tokens": 32}}
+    b = gen(agentspark_server.url, second)
+    seeded = _counter(agentspark_server.url, "agentserve:drafter_context_seeded_positions_total") - before
+    assert b["output_ids"] == gen(plain_server.url, second)["output_ids"]
+    # at least the first prompt's positions (the radix cache holds them at page granularity)
+    assert seeded >= a1["meta_info"]["prompt_tokens"] - 16, (seeded, a1["meta_info"]["prompt_tokens"])
+    assert seeded < b["meta_info"]["prompt_tokens"]
+
+
 def test_concurrent_mixed_widths_identical_to_plain(plain_server, agentspark_server) -> None:
     # One request repeats an earlier answer (long radix copies) while three new ones decode
     # beside it in the same batch: ragged verify steps, each request only its own block.

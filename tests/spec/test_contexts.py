@@ -69,3 +69,46 @@ def test_buffer_is_bounded_and_forget_frees() -> None:
     assert "a" not in lazy
     lazy.clear()
     assert "b" not in lazy
+
+
+def test_a_cached_prefix_is_seeded_from_the_request_that_computed_it() -> None:
+    """An ended request's context seeds the next prompt that shares its tokens (its prefill
+    starts past the radix-cached prefix): the seeded positions equal what running the whole
+    prompt would have given, only up to where the tokens agree."""
+    d = _drafter()
+    th = torch.randn(60, 96, generator=torch.Generator().manual_seed(2))
+    toks = list(range(100, 160))
+    lazy = LazyContexts(d, "cpu", max_pending=8, keep_tokens=1000)
+    lazy.append("turn1", th[:30], 0)   # prompt 0..29
+    lazy.append("turn1", th[30:40], 30)  # decoded 30..39
+    lazy.keep("turn1", toks[:40])
+    assert "turn1" not in lazy and lazy.kept_positions == 40
+    # turn 2 shares 35 tokens, then differs; the radix cache holds 38 of its tokens (say)
+    turn2 = toks[:35] + [7, 7, 7] + toks[38:50]
+    assert lazy.seed("turn2", turn2, 38) == 35
+    whole = d.new_context()
+    d.append_context(whole, th[:35], torch.arange(35))
+    _same(lazy.get("turn2"), whole)
+    # its prefill appends from 38 on: a hole at 35..37, nothing wrong
+    lazy.append("turn2", th[38:50], 38)
+    assert lazy.get("turn2").pos().tolist() == list(range(35)) + list(range(38, 50))
+    # a running request seeds too; too short a shared prefix seeds nothing
+    # (turn2 holds 0..34 and 38..49: the 42 of them below 45)
+    assert lazy.seed("turn3", turn2[:45], 45, running=[("turn2", turn2)]) == 42
+    assert lazy.get("turn3").pos().tolist() == list(range(35)) + list(range(38, 45))
+    assert lazy.seed("other", [1] * 40, 40) == 0 and "other" not in lazy
+
+
+def test_kept_contexts_are_bounded_oldest_first() -> None:
+    d = _drafter()
+    lazy = LazyContexts(d, "cpu", keep_tokens=50)
+    for i in range(4):
+        lazy.append(f"r{i}", torch.randn(20, 96), 0)
+        lazy.keep(f"r{i}", [i] * 20)
+    assert lazy.kept_positions == 40  # r0 and r1 evicted when r2, r3 arrived (60, 80 > 50)
+    assert lazy.seed("x", [0] * 20, 20) == 0  # r0 is gone
+    assert lazy.seed("y", [3] * 20, 20) == 20
+    off = LazyContexts(d, "cpu", keep_tokens=0)
+    off.append("a", torch.randn(20, 96), 0)
+    off.keep("a", [0] * 20)
+    assert off.kept_positions == 0 and off.seed("b", [0] * 20, 20) == 0
