@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if bad:
         ap.error(f"--systems: unknown {bad}; choose from {list(TIER_SYSTEMS)}")
+    # --targets sets each tier's speed and order; a tier the base profile names keeps its min_share
+    base = load_profile(a.profile)
+    floors = {t.name: t.min_share for t in base.interactivity_tiers}
     tiers = []
     for prio, item in enumerate(a.targets.split(",")):
         name, _, val = item.partition("=")
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             ap.error(f"--targets: '{item}' is not tier=tok/s")
         tiers.append(Tier(name=name, target_tokens_per_s=target or None, priority=prio, on_overload="queue",
-                          queue_timeout_s=60.0))
+                          queue_timeout_s=60.0, min_share=floors.get(name)))
     if a.duration < 0 or (a.duration and not 0 <= a.warmup < a.duration):
         ap.error("--duration/--warmup: need 0 <= warmup < duration")
     window = (a.warmup, a.duration) if a.duration else None
@@ -210,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     concs = parse_list(ap, "--concurrency", a.concurrency, int)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_profile(a.profile)
     profiles = {}
     for s in systems:  # every system's profile before any server starts: a bad @FIELD=VALUE is named now
         try:

@@ -254,3 +254,22 @@ def test_no_tier_starves_best_effort_keeps_its_minimum_share() -> None:
         assert snap["batch"]["min_share"] == 0.05 and snap["gold"]["min_share"] == 0.0
 
     asyncio.run(run())
+
+
+def test_a_promised_lower_tier_keeps_its_minimum_share_too() -> None:
+    # behind a top tier whose first answers missed (a cold server), a promised 6 tok/s tier
+    # finished nothing in two minutes at 8 clients; the shipped profiles give it min_share 0.05
+    async def run() -> None:
+        clk = Clock()
+        tiers = [Tier(name="gold", target_tokens_per_s=12.0, priority=0),
+                 Tier(name="silver", target_tokens_per_s=6.0, priority=1, min_share=0.05),
+                 Tier(name="held", target_tokens_per_s=6.0, priority=1)]  # a promised tier: no floor by default
+        gate = TierGate(tiers, clock=clk, window_s=60.0)
+        await gate.admit("gold")
+        await gate.release("gold", 1.0)  # gold misses
+        for _ in range(19):
+            await gate.admit("gold")
+        assert gate.blocked_by("silver") is None  # 0 of 20 admissions < 5 %
+        assert "below its promise" in gate.blocked_by("held")
+
+    asyncio.run(run())
