@@ -292,3 +292,19 @@ def test_a_streamed_answer_is_measured_in_tokens_not_chunks(mw) -> None:
         metrics.time.perf_counter = real
     assert m is not None and m.ttft_s == pytest.approx(1.0)
     assert m.tokens_per_s == pytest.approx(11 / 1.1)  # a chunk count would say 3 / 1.1
+
+    # SGLang's /generate streams meta_info, not usage: its completion_tokens count too (a chunk
+    # count made a 52 tok/s answer look like 12 and the tier gate see misses that were not)
+    clock = iter([0.0, 1.0, 2.1])
+    metrics.time.perf_counter = lambda: next(clock)
+    try:
+        w = ResponseWatch()
+        w.see({"type": "http.response.start", "status": 200})
+        for n in (3, 7, 12):
+            chunk = {"text": "x" * n, "output_ids": list(range(n)), "meta_info": {"completion_tokens": n, "prompt_tokens": 5}}
+            w.see({"type": "http.response.body", "body": f"data: {_json.dumps(chunk)}\n\n".encode(), "more_body": True})
+        w.see({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        m = w.measure()
+    finally:
+        metrics.time.perf_counter = real
+    assert m is not None and m.tokens_per_s == pytest.approx(11 / 1.1)
